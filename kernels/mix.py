@@ -1,0 +1,39 @@
+"""Down-mixing interleaved frames to mono: the mean of all channels, not only the left one."""
+
+import numpy as np
+
+from rainforest.errors import ParameterError
+from rainforest.kernels._flags import jit
+
+
+@jit
+def _downmix(frames, out):
+    channels = frames.shape[1]
+    scale = 1.0 / channels
+    for i in range(frames.shape[0]):
+        total = 0.0  # float64 accumulator: exact for up to hundreds of channels
+        for c in range(channels):
+            total += frames[i, c]
+        out[i] = total * scale
+
+
+def downmix(frames, *, out=None):
+    """Mean over channels of a (frames, channels) float32 array, as float32.
+
+    Examples
+    --------
+    >>> downmix(np.array([[1.0, 0.0], [0.5, 0.5]], dtype=np.float32)).tolist()
+    [0.5, 0.5]
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 2 or frames.shape[1] == 0:
+        raise ParameterError(f"frames must have shape (frames, channels>=1), got {frames.shape}")
+    if frames.dtype != np.float32:
+        raise ParameterError(f"frames must be float32, got {frames.dtype}")
+    frames = np.ascontiguousarray(frames)
+    if out is None:
+        out = np.empty(frames.shape[0], dtype=np.float32)
+    elif out.shape != (frames.shape[0],) or out.dtype != np.float32:
+        raise ParameterError(f"out must be float32 of shape ({frames.shape[0]},)")
+    _downmix(frames, out)
+    return out

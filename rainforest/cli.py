@@ -1,0 +1,199 @@
+"""The ``rainforest`` command: one subcommand per pipeline stage.
+
+Exit status: 0 on success; 1 on an error (the message says what to do next); 3 when
+``preprocess`` finished but some songs could not be used (they are listed in the manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rainforest import __version__
+from rainforest.cluster import CLUSTER_HELP
+from rainforest.errors import RainforestError
+
+EXIT_SOME_SONGS_FAILED = 3
+
+
+def _add_audio_options(parser: argparse.ArgumentParser) -> None:
+    from rainforest.config import AudioConfig
+
+    default = AudioConfig()
+    group = parser.add_argument_group("audio")
+    group.add_argument("--sample-rate", type=int, default=default.sample_rate,
+                       help="target sample rate in Hz (default: %(default)s)")
+    group.add_argument("--trim-db", type=float, default=default.trim_db,
+                       help="trim leading/trailing audio this many dB below the song's own "
+                            "peak (default: %(default)s)")
+    group.add_argument("--min-seconds", type=float, default=default.min_seconds,
+                       help="reject songs shorter than this after trimming (default: %(default)s)")
+    group.add_argument("--quality", default=default.resample_quality,
+                       choices=["VHQ", "HQ", "MQ", "LQ", "QQ"],
+                       help="soxr resampling quality (default: %(default)s)")
+
+
+def _audio_config(args: argparse.Namespace):
+    from rainforest.config import AudioConfig
+
+    return AudioConfig(sample_rate=args.sample_rate, trim_db=args.trim_db,
+                       min_seconds=args.min_seconds, resample_quality=args.quality)
+
+
+def _print_summary(summary: dict) -> None:
+    print(
+        f"\n{summary['songs']} songs, {summary['hours']:.2f} h of audio in {summary['shards']} "
+        f"shard(s) at {summary['dataset']}"
+    )
+    print(
+        f"this run: {summary['processed_songs']} song(s) processed in "
+        f"{summary['elapsed_seconds']:.1f} s ({summary['realtime_factor']:.0f}x real time), "
+        f"{summary['skipped_songs']} already done, {summary['duplicates']} duplicate(s) skipped"
+    )
+    if summary["failed"]:
+        print(f"{summary['failed']} song(s) FAILED; see why with: rainforest inspect "
+              f"{summary['dataset']}")
+    else:
+        print("0 songs failed")
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from rainforest.preprocess import preprocess
+
+    summary = preprocess(
+        args.sources, args.out, config=_audio_config(args), cluster=args.cluster,
+        songs_per_shard=args.songs_per_shard, labels=args.labels,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_summary(summary)
+    return EXIT_SOME_SONGS_FAILED if summary["failed"] else 0
+
+
+def format_summary(info: dict) -> str:
+    lines = [
+        f"dataset      {info['dataset']} (format version {info['format_version']})",
+        f"songs        {info['songs']}",
+        f"audio        {info['hours']:.3f} h at {info['sample_rate']} Hz "
+        f"({info['samples']:,} samples; {info['trimmed_seconds']:.1f} s of silence trimmed)",
+        f"shards       {len(info['shards'])}",
+    ]
+    for shard in info["shards"]:
+        lines.append(f"  {shard['name']}  {shard['songs']:4d} songs  {shard['megabytes']:9.2f} MB")
+    if info["labels"]:
+        lines.append("labels       " + ", ".join(f"{k} ({v})" for k, v in info["labels"].items()))
+    for note in info["notes"]:
+        lines.append(f"note         {note['source']}: {note['note']}")
+    for duplicate in info["duplicates"]:
+        lines.append(f"duplicate    {duplicate['source']} (same as {duplicate['same_as']})")
+    lines.append(f"failed       {len(info['failed'])}")
+    for failure in info["failed"]:
+        lines.append(f"  {failure['source']}: {failure['reason']}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rainforest.dataset import summary
+
+    info = summary(args.dataset)
+    print(json.dumps(info, indent=1) if args.json else format_summary(info))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from rainforest.dataset import summary
+    from rainforest.preprocess import preprocess
+
+    if args.songs:
+        sources = args.songs
+    else:
+        from rainforest.samples import debian_music
+
+        print(f"fetching real songs: Debian package {args.package} (cached after the first time)")
+        sources = [str(path) for path in debian_music(args.package)]
+    out = os.path.join(args.out, "dataset")
+    print(f"preprocessing {len(sources)} source(s) into {out} on cluster {args.cluster!r}")
+    result = preprocess(sources, out, config=_audio_config(args), cluster=args.cluster)
+    _print_summary(result)
+    print()
+    print(format_summary(summary(out)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rainforest",
+        description="WaveNet song generation on a cluster: fetch songs, preprocess them with "
+                    "Dask into mu-law shards, train with Horovod, generate audio.",
+        epilog="Run `rainforest COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pre = commands.add_parser(
+        "preprocess", help="decode songs into a versioned dataset of mu-law shards",
+        description="Decode songs (mp3, ogg, opus, flac, wav), mix to mono, resample, mu-law "
+                    "encode and trim silence, spread over a Dask cluster, into shards plus a "
+                    "manifest. Re-running over the same --out resumes: songs already done "
+                    "(recognised by size and sha256) are skipped. Songs that cannot be used "
+                    "are listed with their reason in the manifest; the run goes on "
+                    "(exit status 3 if any failed).",
+    )
+    pre.add_argument("sources", nargs="+", metavar="SRC",
+                     help="song files, folders (searched recursively) or URLs such as s3://bucket/songs/")
+    pre.add_argument("--out", required=True, metavar="DATASET",
+                     help="dataset folder or s3:// prefix to write (or resume)")
+    pre.add_argument("--cluster", default="local", help=CLUSTER_HELP)
+    pre.add_argument("--songs-per-shard", type=int, default=8,
+                     help="songs per shard, the unit of work (default: %(default)s)")
+    pre.add_argument("--labels", choices=["none", "parent"], default="none",
+                     help="'parent' labels each song with its folder name, e.g. a genre folder, "
+                          "for global conditioning (default: %(default)s)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pre.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_audio_options(pre)
+    pre.set_defaults(run=cmd_preprocess)
+
+    ins = commands.add_parser("inspect", help="summarise a dataset",
+                              description="Songs, hours, sample rate, shards and their sizes, "
+                                          "and the songs that failed with their reasons.")
+    ins.add_argument("dataset", metavar="DATASET", help="dataset folder or s3:// prefix")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(run=cmd_inspect)
+
+    demo = commands.add_parser(
+        "demo", help="run the pipeline end to end on real songs",
+        description="Fetch real songs by Debian package name into the cache (or use --songs), "
+                    "and preprocess them on a local Dask cluster.",
+    )
+    demo.add_argument("--songs", nargs="+", metavar="SRC",
+                      help="your own songs (files, folders, URLs) instead of the Debian package")
+    demo.add_argument("--package", default="wesnoth-1.16-music",
+                      help="Debian package with real music (default: %(default)s)")
+    demo.add_argument("--out", default="demo-data", help="working folder (default: %(default)s)")
+    demo.add_argument("--cluster", default="local", help=CLUSTER_HELP)
+    _add_audio_options(demo)
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RainforestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""One exception family for the whole toolkit.
+
+Every error a user can cause derives from :class:`RainforestError`, so a caller can catch
+them all in one place and the CLI can print them without a traceback.
+"""
+
+
+class RainforestError(Exception):
+    """Base class of every error rainforest raises on purpose."""
+
+
+class ParameterError(RainforestError, ValueError):
+    """An argument has the wrong value, type or shape; the message names the offending value."""
+
+
+class AudioDecodeError(RainforestError):
+    """A song could not be decoded into samples; the message says why in plain words."""
+
+
+class DatasetFormatError(RainforestError):
+    """A dataset or manifest is missing, foreign, corrupt or of an unknown format version."""

@@ -1,0 +1,496 @@
+"""Songs to a dataset: decode -> mono -> resample -> mu-law -> trim, spread by a Dask bag.
+
+The run has three steps:
+
+1. **identify**: every source is hashed (size + sha256) on the cluster. Identity, not the
+   path, says whether a song is already done, so a renamed file is not processed twice.
+2. **plan**: songs not yet done are assigned to shards in URL order, ``songs_per_shard`` at a
+   time, and the assignment is saved as ``plan.json`` before any shard is written. A resumed
+   run keeps the saved assignment, which is why an interrupted-then-resumed run is
+   byte-identical to a clean one, whatever the number of workers.
+3. **process**: each bag partition is one shard. Its songs are decoded in blocks into a spool
+   file, trimmed, and copied into the shard, which is committed atomically, followed by its
+   ``part-NNNNN.json`` record. ``manifest.json`` is assembled from the records at the end.
+
+A song that cannot be used is recorded with its reason; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from rainforest import storage
+from rainforest.audio import SongDecoder
+from rainforest.config import AudioConfig
+from rainforest.dataset import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    PLAN_FORMAT,
+    PLAN_NAME,
+    SHARD_DIR,
+    SHARD_FORMAT,
+    VERSION,
+    check_header,
+    file_sha256,
+    shard_name,
+)
+from rainforest.errors import AudioDecodeError, ParameterError, RainforestError
+from rainforest.kernels import mulaw_encode, peak_amplitude, relative_threshold, trim_bounds
+
+#: Songs per shard unless told otherwise: small enough to spread a few dozen songs over a
+#: cluster, large enough that thousands of songs do not make thousands of files.
+SONGS_PER_SHARD = 8
+LABEL_MODES = ("none", "parent")
+
+_SPOOL_CHUNK = 1 << 22
+_NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place once the length is known
+
+
+# ----------------------------------------------------------------------------- identify
+
+
+def identify(source: storage.SourceFile) -> dict[str, Any]:
+    """Size and sha256 of one source, or the reason it cannot be read."""
+    try:
+        return {"source": source.url, "size": source.size, "sha256": storage.sha256_of(source.url)}
+    except OSError as error:
+        return {"source": source.url, "size": source.size, "reason": f"cannot read: {error}"}
+
+
+def _label(url: str, mode: str) -> str | None:
+    if mode == "parent":
+        return posixpath.basename(posixpath.dirname(url.replace(os.sep, "/"))) or None
+    return None
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _identity(entry: dict[str, Any]) -> tuple[str, int]:
+    return entry["sha256"], int(entry["size"])
+
+
+def make_plan(
+    identified: Sequence[dict[str, Any]],
+    *,
+    done: set[tuple[str, int]],
+    completed_shards: set[str],
+    old_plan: dict[str, Any] | None,
+    songs_per_shard: int,
+    label_mode: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Assign songs that are not done to shards, keeping any earlier assignment.
+
+    Returns the full list of shards (completed ones included, so numbers are never reused)
+    and the list of duplicate sources (same content as an earlier URL).
+    """
+    current: dict[tuple[str, int], dict[str, Any]] = {}
+    duplicates = []
+    for entry in sorted((e for e in identified if "sha256" in e), key=lambda e: e["source"]):
+        key = _identity(entry)
+        if key in current:
+            duplicates.append({"source": entry["source"], "same_as": current[key]["source"]})
+            continue
+        current[key] = {
+            "source": entry["source"], "size": entry["size"], "sha256": entry["sha256"],
+            "label": _label(entry["source"], label_mode),
+        }
+
+    shards: list[dict[str, Any]] = []
+    planned: set[tuple[str, int]] = set()
+    for shard in (old_plan or {}).get("shards", []):
+        if shard["name"] in completed_shards:
+            shards.append(shard)
+            planned.update(_identity(s) for s in shard["songs"])
+            continue
+        songs = [current[_identity(s)] for s in shard["songs"]
+                 if _identity(s) in current and _identity(s) not in done]
+        if songs:
+            shards.append({"name": shard["name"], "songs": songs})
+            planned.update(_identity(s) for s in songs)
+
+    used = {int(s["name"].split("-")[1]) for s in shards}
+    used.update(int(name.split("-")[1]) for name in completed_shards)
+    next_number = max(used, default=-1) + 1
+    new = [song for key, song in current.items() if key not in planned and key not in done]
+    for first in range(0, len(new), songs_per_shard):
+        shards.append({"name": shard_name(next_number), "songs": new[first : first + songs_per_shard]})
+        next_number += 1
+    return shards, duplicates
+
+
+# ----------------------------------------------------------------------------- process
+
+
+class ShardWriter:
+    """Builds one ``.npy`` shard under a temporary name; only ``commit`` gives it its name."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.staging = storage.local_staging_path(url)
+        self.samples = 0
+        self._file = open(self.staging, "w+b")
+        self._file.write(_npy_header(0))
+
+    def append(self, codes: np.ndarray) -> None:
+        self._file.write(codes.tobytes())
+        self.samples += codes.shape[0]
+
+    def rollback(self, samples: int) -> None:
+        """Drop everything appended after the first ``samples`` codes (a song that failed)."""
+        self._file.truncate(_NPY_HEADER_BYTES + samples)
+        self._file.seek(0, os.SEEK_END)
+        self.samples = samples
+
+    def commit(self) -> tuple[int, str]:
+        """Finish the header, flush to disk and publish; returns (bytes, sha256)."""
+        self._file.seek(0)
+        self._file.write(_npy_header(self.samples))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        size, digest = os.path.getsize(self.staging), file_sha256(self.staging)
+        storage.commit_file(self.staging, self.url)
+        return size, digest
+
+    def abort(self) -> None:
+        self._file.close()
+        if os.path.exists(self.staging):
+            os.remove(self.staging)
+
+
+def _npy_header(length: int) -> bytes:
+    """A .npy v1.0 header for a 1-D uint8 array, padded to a fixed size."""
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({length},), }}"
+    text = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+
+
+def _read_codes(spool, start: int, stop: int) -> np.ndarray:
+    spool.seek(start)
+    return np.frombuffer(spool.read(stop - start), dtype=np.uint8)
+
+
+def _loud_range(spool, length: int, threshold: float) -> tuple[int, int]:
+    """First and last loud sample of the spooled codes, scanning in chunks from each end."""
+    start = None
+    for chunk_start in range(0, length, _SPOOL_CHUNK):
+        chunk_stop = min(length, chunk_start + _SPOOL_CHUNK)
+        first, last = trim_bounds(_read_codes(spool, chunk_start, chunk_stop), threshold=threshold)
+        if last > 0:
+            start = chunk_start + first
+            break
+    if start is None:
+        return 0, 0
+    chunk_stop = length
+    while True:
+        chunk_start = max(start, chunk_stop - _SPOOL_CHUNK)
+        first, last = trim_bounds(_read_codes(spool, chunk_start, chunk_stop), threshold=threshold)
+        if last > 0:
+            return start, chunk_start + last
+        chunk_stop = chunk_start
+
+
+def encode_song(path: str, config: AudioConfig, writer: ShardWriter, spool_dir: str) -> dict:
+    """Decode, mix, resample, encode and trim one local song into ``writer``.
+
+    Returns the song's manifest fields (without its place in the shard).
+
+    Raises
+    ------
+    AudioDecodeError
+        If the song cannot be used; the message is the reason recorded in the manifest.
+    """
+    with SongDecoder(path, sample_rate=config.sample_rate,
+                     quality=config.resample_quality) as song, \
+            tempfile.TemporaryFile(dir=spool_dir) as spool:
+        peak, length = 0.0, 0
+        codes = np.empty(0, dtype=np.uint8)
+        for block in song.blocks():
+            if codes.shape[0] < block.shape[0]:
+                codes = np.empty(block.shape[0], dtype=np.uint8)
+            encoded = mulaw_encode(block, out=codes[: block.shape[0]])
+            peak = max(peak, peak_amplitude(encoded))
+            spool.write(encoded.tobytes())
+            length += encoded.shape[0]
+        if length == 0:
+            raise AudioDecodeError("no audio: the file decodes to 0 samples")
+        floor = 10.0 ** (config.silence_floor_db / 20.0)
+        if peak < floor:
+            level = 20 * math.log10(peak) if peak > 0 else -math.inf
+            raise AudioDecodeError(
+                f"silent: the loudest sample is {level:.1f} dBFS, below the "
+                f"{config.silence_floor_db:.0f} dBFS floor"
+            )
+        start, stop = _loud_range(spool, length, relative_threshold(peak, config.trim_db))
+        kept = stop - start
+        if kept < config.min_seconds * config.sample_rate:
+            raise AudioDecodeError(
+                f"too short: {kept / config.sample_rate:.3f} s of audio after trimming silence "
+                f"(at least {config.min_seconds:g} s needed)"
+            )
+        for chunk_start in range(start, stop, _SPOOL_CHUNK):
+            writer.append(_read_codes(spool, chunk_start, min(stop, chunk_start + _SPOOL_CHUNK)))
+        fields = {
+            "source_rate": song.source_rate,
+            "channels": song.channels,
+            "source_format": song.format,
+            "source_seconds": round(song.decoded_frames / song.source_rate, 6),
+            "trimmed_start": start,
+            "trimmed_end": length - stop,
+            "length": kept,
+            "seconds": round(kept / config.sample_rate, 6),
+        }
+        if song.truncation:
+            fields["note"] = song.truncation
+        return fields
+
+
+def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> dict[str, Any]:
+    """Build one shard and its record; runs on a Dask worker."""
+    shard_dir = storage.join(out, SHARD_DIR)
+    writer = ShardWriter(storage.join(shard_dir, shard["name"] + ".npy"))
+    songs, failed = [], []
+    try:
+        with tempfile.TemporaryDirectory(prefix="rainforest-") as scratch:
+            for spec in shard["songs"]:
+                base = {"source": spec["source"], "source_size": spec["size"],
+                        "source_sha256": spec["sha256"]}
+                offset = writer.samples
+                try:
+                    local = storage.fetch_to_local(spec["source"], scratch)
+                    try:
+                        fields = encode_song(local, config, writer, scratch)
+                    finally:
+                        if local != spec["source"]:
+                            os.remove(local)
+                except AudioDecodeError as error:
+                    writer.rollback(offset)  # nothing of this song stays in the shard
+                    failed.append({**base, "reason": str(error)})
+                    continue
+                except Exception as error:  # a bug or an odd file must not stop the run
+                    writer.rollback(offset)
+                    failed.append({**base, "reason": f"internal error ({type(error).__name__}): "
+                                                     f"{error}; please report it"})
+                    continue
+                songs.append({**base, **fields, "id": spec["sha256"][:16], "label": spec["label"],
+                              "shard": shard["name"], "offset": offset})
+        size, digest = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    record = {
+        "format": SHARD_FORMAT, "version": VERSION, "name": shard["name"],
+        "path": f"{SHARD_DIR}/{shard['name']}.npy", "samples": writer.samples, "bytes": size,
+        "sha256": digest, "songs": songs, "failed": failed,
+    }
+    storage.write_json_atomic(storage.join(shard_dir, shard["name"] + ".json"), record)
+    return record
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _completed_records(out: str) -> dict[str, dict[str, Any]]:
+    shard_dir = storage.join(out, SHARD_DIR)
+    records = {}
+    for name in storage.list_names(shard_dir):
+        if name.startswith("part-") and name.endswith(".json"):
+            url = storage.join(shard_dir, name)
+            record = storage.read_json(url)
+            check_header(record, SHARD_FORMAT, url)
+            records[record["name"]] = record
+    return records
+
+
+def _load_plan(out: str, config: AudioConfig) -> dict[str, Any] | None:
+    url = storage.join(out, PLAN_NAME)
+    if not storage.exists(url):
+        if storage.exists(storage.join(out, MANIFEST_NAME)) or _completed_records(out):
+            raise ParameterError(f"{out} holds a dataset without {PLAN_NAME}; use a new --out")
+        return None
+    plan = storage.read_json(url)
+    check_header(plan, PLAN_FORMAT, url)
+    if plan["audio"] != config.to_dict():
+        changed = {k: (plan["audio"].get(k), v) for k, v in config.to_dict().items()
+                   if plan["audio"].get(k) != v}
+        raise ParameterError(
+            f"{out} was made with other audio settings (was, now): {changed}; re-run with the "
+            "same settings to resume, or choose a new --out"
+        )
+    return plan
+
+
+def build_manifest(out: str, config: AudioConfig, records: dict[str, dict[str, Any]],
+                   unreadable: list[dict[str, Any]], duplicates: list[dict[str, str]]) -> dict:
+    ordered = [records[name] for name in sorted(records)]
+    songs = [song for record in ordered for song in record["songs"]]
+    failed = sorted([f for record in ordered for f in record["failed"]] + unreadable,
+                    key=lambda f: f["source"])
+    samples = sum(record["samples"] for record in ordered)
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": VERSION,
+        "audio": config.to_dict(),
+        "samples": samples,
+        "seconds": round(samples / config.sample_rate, 6),
+        "shards": [{"name": r["name"], "path": r["path"], "samples": r["samples"],
+                    "bytes": r["bytes"], "sha256": r["sha256"], "songs": len(r["songs"])}
+                   for r in ordered],
+        "songs": songs,
+        "labels": sorted({s["label"] for s in songs if s["label"] is not None}),
+        "failed": failed,
+        "duplicates": sorted(duplicates, key=lambda d: d["source"]),
+    }
+
+
+def _run_bag(client, function: Callable, items: list, *, description: str, unit: str,
+             progress: bool, on_result: Callable[[Any], None] | None = None) -> list:
+    """Map ``function`` over ``items`` with a Dask bag, one item per partition, in order."""
+    import dask.bag as db
+    from tqdm.auto import tqdm
+
+    if not items:
+        return []
+    bag = db.from_sequence(items, npartitions=len(items)).map(function)
+    results: list = [None] * len(items)
+    with tqdm(total=len(items), desc=description, unit=unit, disable=not progress,
+              dynamic_ncols=True) as bar:
+        if client is None:
+            for index, part in enumerate(bag.to_delayed()):
+                results[index] = part.compute(scheduler="sync")[0]
+                if on_result:
+                    on_result(results[index])
+                bar.update(1)
+            return results
+        from distributed import as_completed
+
+        futures = client.compute(bag.to_delayed())
+        index_of = {future.key: index for index, future in enumerate(futures)}
+        for future in as_completed(futures):
+            results[index_of[future.key]] = future.result()[0]
+            if on_result:
+                on_result(results[index_of[future.key]])
+            bar.update(1)
+    return results
+
+
+def preprocess(
+    sources: Sequence[str],
+    out: str,
+    *,
+    config: AudioConfig | None = None,
+    cluster: str = "local",
+    songs_per_shard: int = SONGS_PER_SHARD,
+    labels: str = "none",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Turn songs into a dataset at ``out`` (local folder or ``s3://`` prefix).
+
+    Parameters
+    ----------
+    sources : sequence of str
+        Files, folders (searched recursively by audio extension) or fsspec URLs.
+    out : str
+        The dataset folder or prefix. An existing dataset made with the same settings is
+        resumed: only songs not yet done are processed.
+    config : AudioConfig, optional
+        Sample rate and the rest; the default is ``AudioConfig()``.
+    cluster : str
+        See :mod:`rainforest.cluster`.
+    songs_per_shard : int
+        Songs per shard (the unit of work and of the progress bar).
+    labels : {"none", "parent"}
+        ``"parent"`` labels each song with its folder's name (e.g. a genre folder), for
+        global conditioning.
+    progress : bool
+        Show progress bars.
+    log : callable
+        Where status lines go.
+
+    Returns
+    -------
+    dict
+        The run's summary: songs, hours, shards, failed, processed this run, and more.
+
+    Examples
+    --------
+    >>> preprocess(["songs/"], "dataset/", cluster="local:2")    # doctest: +SKIP
+    """
+    from rainforest.cluster import connect
+
+    config = config or AudioConfig()
+    if songs_per_shard < 1:
+        raise ParameterError(f"songs_per_shard must be >= 1, got {songs_per_shard}")
+    if labels not in LABEL_MODES:
+        raise ParameterError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    out = storage.canonical(out)
+    started = time.perf_counter()
+    listed = storage.list_sources(sources)
+    if not listed:
+        raise ParameterError(
+            f"no audio files found in {list(sources)} (looked for {', '.join(storage.AUDIO_EXTENSIONS)})"
+        )
+    old_plan = _load_plan(out, config)
+    storage.remove_stale_staging(storage.join(out, SHARD_DIR))
+
+    with connect(cluster, quiet=not progress) as client:
+        if client is not None:
+            log(f"Dask dashboard: {client.dashboard_link}")
+        identified = _run_bag(client, identify, listed, description="identify",
+                              unit="song", progress=progress)
+        records = _completed_records(out)
+        done = {(s["source_sha256"], int(s["source_size"]))
+                for record in records.values() for s in record["songs"] + record["failed"]}
+        shards, duplicates = make_plan(
+            identified, done=done, completed_shards=set(records), old_plan=old_plan,
+            songs_per_shard=songs_per_shard, label_mode=labels,
+        )
+        storage.write_json_atomic(storage.join(out, PLAN_NAME), {
+            "format": PLAN_FORMAT, "version": VERSION, "audio": config.to_dict(),
+            "songs_per_shard": songs_per_shard, "shards": shards,
+        })
+        pending = [shard for shard in shards if shard["name"] not in records]
+        skipped = sum(1 for e in identified if "sha256" in e and _identity(e) in done)
+        if skipped:
+            log(f"resuming: {skipped} song(s) already done, {len(pending)} shard(s) to go")
+
+        def process(shard):
+            return process_shard(shard, out=out, config=config)
+
+        new_records = _run_bag(client, process, pending, description="preprocess",
+                               unit="shard", progress=progress)
+    for record in new_records:
+        records[record["name"]] = record
+    unreadable = [{"source": e["source"], "source_size": e["size"], "reason": e["reason"]}
+                  for e in identified if "reason" in e]
+    manifest = build_manifest(out, config, records, unreadable, duplicates)
+    storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
+
+    elapsed = time.perf_counter() - started
+    processed_seconds = sum(s["source_seconds"] for r in new_records for s in r["songs"])
+    return {
+        "dataset": out,
+        "songs": len(manifest["songs"]),
+        "hours": manifest["seconds"] / 3600.0,
+        "shards": len(manifest["shards"]),
+        "failed": len(manifest["failed"]),
+        "duplicates": len(duplicates),
+        "processed_songs": sum(len(r["songs"]) + len(r["failed"]) for r in new_records),
+        "skipped_songs": skipped,
+        "elapsed_seconds": elapsed,
+        "realtime_factor": processed_seconds / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+__all__ = ["RainforestError", "ShardWriter", "encode_song", "make_plan", "preprocess",
+           "process_shard"]

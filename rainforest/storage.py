@@ -1,0 +1,206 @@
+"""Local paths and fsspec URLs (``s3://...``) behind one small interface.
+
+Writes are atomic: a local file is written under a temporary name in the same folder and then
+renamed; an object store gets the finished file in one upload (S3 shows an object only once
+its PUT or multipart upload completes). Nothing half-written ever carries a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from rainforest.errors import ParameterError
+
+#: File name endings searched for when a source is a directory.
+AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".wav", ".wave", ".aif", ".aiff")
+
+_HASH_CHUNK = 8 << 20
+TEMP_MARKER = ".tmp-"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A song's location and size, as listed before any decoding."""
+
+    url: str
+    size: int
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def filesystem(url: str):
+    """The fsspec filesystem and the path within it for ``url`` (a local path or URL)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def canonical(url: str) -> str:
+    """Absolute local path, or the URL unchanged."""
+    if is_remote(url):
+        return url.rstrip("/")
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return os.path.abspath(url)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def _url_for(fs, path: str, template: str) -> str:
+    if is_remote(template):
+        protocol = template.split("://", 1)[0]
+        return f"{protocol}://{path}"
+    return path
+
+
+def list_sources(sources: Iterable[str]) -> list[SourceFile]:
+    """Expand files, directories (searched recursively by audio extension) and URLs.
+
+    A file named explicitly is taken whatever its extension. The result is sorted by URL and
+    free of repeats, so the same inputs always give the same list.
+    """
+    found: dict[str, int] = {}
+    for source in sources:
+        source = canonical(str(source))
+        fs, path = filesystem(source)
+        if not fs.exists(path):
+            raise ParameterError(f"no such file or directory: {source}")
+        if fs.isdir(path):
+            for child, info in fs.find(path, detail=True).items():
+                if info.get("type") == "file" and child.lower().endswith(AUDIO_EXTENSIONS):
+                    found[_url_for(fs, child, source)] = int(info["size"])
+        else:
+            found[source] = int(fs.size(path))
+    return [SourceFile(url, size) for url, size in sorted(found.items())]
+
+
+def sha256_of(url: str) -> str:
+    """Stream the file at ``url`` through sha256."""
+    fs, path = filesystem(url)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def dumps_json(data: Any) -> bytes:
+    """Canonical JSON: sorted keys, fixed indentation, so equal data gives equal bytes."""
+    return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write ``data`` so that ``url`` shows either its old content or all of the new."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        fs.pipe_file(path, data)
+        return
+    directory = os.path.dirname(url) or "."
+    os.makedirs(directory, exist_ok=True)
+    staging = local_staging_path(url)
+    try:
+        with open(staging, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, url)
+    except BaseException:
+        _remove_quietly(staging)
+        raise
+
+
+def write_json_atomic(url: str, data: Any) -> None:
+    write_bytes_atomic(url, dumps_json(data))
+
+
+def local_staging_path(url: str) -> str:
+    """Where to build the file for ``url`` before it is committed.
+
+    For a local target: a hidden temporary name beside it, so the commit is a rename on one
+    filesystem. For a remote target: a file in the local temporary directory.
+    """
+    name = f".{posixpath.basename(url)}{TEMP_MARKER}{uuid.uuid4().hex[:12]}"
+    if is_remote(url):
+        return os.path.join(tempfile.gettempdir(), name)
+    directory = os.path.dirname(url) or "."
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, name)
+
+
+def commit_file(staging: str, url: str) -> None:
+    """Move a finished staging file to ``url``: a rename locally, one upload remotely."""
+    try:
+        if is_remote(url):
+            fs, path = filesystem(url)
+            fs.put_file(staging, path)
+        else:
+            os.replace(staging, url)
+    finally:
+        _remove_quietly(staging)
+
+
+def list_names(url: str) -> list[str]:
+    """Base names of the files directly under ``url`` (empty if it does not exist)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def remove_stale_staging(url: str) -> int:
+    """Delete temporary files a killed run left in the local folder ``url``; returns how many."""
+    if is_remote(url) or not os.path.isdir(url):
+        return 0
+    removed = 0
+    for name in os.listdir(url):
+        if name.startswith(".") and TEMP_MARKER in name:
+            _remove_quietly(os.path.join(url, name))
+            removed += 1
+    return removed
+
+
+def fetch_to_local(url: str, directory: str) -> str:
+    """A local path holding the content of ``url``: the path itself, or a downloaded copy."""
+    if not is_remote(url):
+        return url
+    fs, path = filesystem(url)
+    local = os.path.join(directory, uuid.uuid4().hex + os.path.splitext(path)[1])
+    fs.get_file(path, local)
+    return local
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

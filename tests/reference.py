@@ -1,0 +1,119 @@
+"""Slow, obviously correct twins of the public kernels in ``rainforest.kernels``.
+
+Each function follows the written convention step by step in float64 numpy or plain Python
+integers, with no tables and no shared code with the kernels, so that agreement between the
+two is evidence rather than tautology. Speed does not matter here; clarity does.
+"""
+
+import numpy as np
+
+MU = 255
+MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+
+
+def mulaw_encode(x):
+    """mu-law codes of ``x`` by the formula, evaluated in float64.
+
+    Parameters
+    ----------
+    x : array_like
+        Samples; converted to float32 first (as the kernel's caller sees them), then float64.
+
+    Returns
+    -------
+    np.ndarray of uint8
+    """
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    if np.isnan(x).any():
+        raise ValueError("the mu-law formula is undefined for NaN")
+    x = np.clip(x, -1.0, 1.0)
+    y = np.sign(x) * np.log1p(MU * np.abs(x)) / np.log1p(MU)
+    codes = np.floor((y + 1.0) / 2.0 * MU + 0.5)
+    return codes.astype(np.uint8)
+
+
+def mulaw_decode(codes):
+    """Bin-centre samples of mu-law ``codes``, computed in float64 and returned as float32."""
+    y = 2.0 * np.asarray(codes).astype(np.float64) / MU - 1.0
+    x = np.sign(y) * ((1.0 + MU) ** np.abs(y) - 1.0) / MU
+    return x.astype(np.float32)
+
+
+def downmix(frames):
+    """Mean over channels of a (frames, channels) float32 array: float64 sum, then float32."""
+    frames = np.asarray(frames, dtype=np.float32)
+    channels = frames.shape[1]
+    total = np.zeros(frames.shape[0], dtype=np.float64)
+    for c in range(channels):  # channel order, as a left-to-right sum
+        total += frames[:, c].astype(np.float64)
+    return (total * (1.0 / channels)).astype(np.float32)
+
+
+def _abs_amplitudes(codes):
+    # decode gives float32; widen before taking |.| so comparisons are made in float64
+    return np.abs(mulaw_decode(codes).astype(np.float64))
+
+
+def peak_amplitude(codes):
+    """Largest decoded absolute amplitude, 0.0 for no codes."""
+    amplitudes = _abs_amplitudes(codes)
+    return float(amplitudes.max()) if amplitudes.size else 0.0
+
+
+def trim_bounds(codes, threshold):
+    """``(first, last + 1)`` over the samples whose amplitude is >= threshold, else (0, 0)."""
+    loud = np.flatnonzero(_abs_amplitudes(codes) >= threshold)
+    if loud.size == 0:
+        return 0, 0
+    return int(loud[0]), int(loud[-1]) + 1
+
+
+def splitmix64(state):
+    """The splitmix64 output function applied to a 64-bit ``state`` (Python ints)."""
+    z = state
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def _valid_counts(lengths, window):
+    return [max(0, int(n) - window + 1) for n in lengths]
+
+
+def random_window_starts(offsets, lengths, window, count, seed):
+    """Window starts drawn by splitmix64: state += golden, draw = mix(state) % total."""
+    valid = _valid_counts(lengths, window)
+    cumulative = []
+    running = 0
+    for v in valid:
+        running += v
+        cumulative.append(running)
+    total = cumulative[-1]
+    state = int(seed)
+    starts = []
+    for _ in range(count):
+        state = (state + GOLDEN) & MASK64
+        draw = splitmix64(state) % total
+        song = next(s for s, c in enumerate(cumulative) if c > draw)
+        before = cumulative[song - 1] if song > 0 else 0
+        starts.append(int(offsets[song]) + draw - before)
+    return np.array(starts, dtype=np.int64)
+
+
+def strided_window_starts(offsets, lengths, window, stride):
+    """Every ``stride``-th valid start of each song, song after song."""
+    starts = []
+    for offset, valid in zip(offsets, _valid_counts(lengths, window), strict=True):
+        starts.extend(int(offset) + k for k in range(0, valid, stride))
+    return np.array(starts, dtype=np.int64)
+
+
+def cut_windows(codes, starts, window):
+    """The windows ``codes[s : s + window]`` stacked into a (len(starts), window) array."""
+    codes = np.asarray(codes)
+    if len(starts) == 0:
+        return np.empty((0, window), dtype=codes.dtype)
+    return np.stack([codes[int(s) : int(s) + window] for s in starts])
