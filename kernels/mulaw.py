@@ -13,6 +13,7 @@ encoding becomes a table look-up plus one comparison, exact for every float32 in
 
 import numpy as np
 
+from rainforest.errors import ParameterError
 from rainforest.kernels._flags import jit
 from rainforest.kernels._validate import as_1d
 
@@ -142,8 +143,6 @@ def mulaw_decode(codes, *, out=None):
 
 
 def _output(name, out, length, dtype):
-    from rainforest.errors import ParameterError
-
     if out is None:
         return np.empty(length, dtype=dtype)
     if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != (length,):

@@ -69,9 +69,14 @@ class SongDecoder:
         try:
             self._file = soundfile.SoundFile(path)
         except (soundfile.LibsndfileError, RuntimeError) as error:
+            message = _libsndfile_message(error)
+            if "does not exist or is not a regular file" in message:
+                # libsndfile's mp3 probe reports unreadable data this way (random bytes, an
+                # mp3 cut inside its first frames), yet the file was just read above.
+                message = "no decoder recognised the data"
             raise AudioDecodeError(
                 "cannot decode: not a recognised audio format, or a corrupt file "
-                f"(libsndfile: {_libsndfile_message(error)})"
+                f"(libsndfile: {message})"
             ) from None
         self.sample_rate = int(sample_rate)
         self.source_rate = int(self._file.samplerate)
@@ -102,6 +107,9 @@ class SongDecoder:
 
         A decoding error after some audio ends the stream early and sets ``stopped_by``; an
         error before any audio raises :class:`AudioDecodeError`.
+
+        Without resampling, each block is a view of one reused buffer, valid only until the
+        next block is requested: copy blocks you keep (as :func:`decode_mono` does).
         """
         resampler = None
         if self.source_rate != self.sample_rate:

@@ -66,6 +66,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         args.sources, args.out, config=_audio_config(args), cluster=args.cluster,
         songs_per_shard=args.songs_per_shard, labels=args.labels,
         progress=not args.no_progress,
+        # with --json, stdout carries the JSON alone
+        log=(lambda line: print(line, file=sys.stderr)) if args.json else print,
     )
     if args.json:
         print(json.dumps(summary, indent=1))

@@ -81,7 +81,9 @@ def _format_for(path: Path, subtype: str | None) -> tuple[str, str]:
     try:
         fmt, default = FORMATS[path.suffix.lower()]
     except KeyError:
-        raise ValueError(f"unknown extension {path.suffix!r}; use one of {sorted(FORMATS)}")
+        raise ValueError(
+            f"unknown extension {path.suffix!r}; use one of {sorted(FORMATS)}"
+        ) from None
     return fmt, subtype or default
 
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: small song folders, the reference pipeline, and process helpers."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+
+import audiogen
+import reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+RAINFOREST = [sys.executable, "-m", "rainforest.cli"]
+
+
+@pytest.fixture
+def song_dir(tmp_path: Path) -> Path:
+    """Six good songs of mixed formats, rates and channel counts, with silence to trim."""
+    folder = tmp_path / "songs"
+    layouts = [
+        ("a.wav", 44100, 2), ("b.flac", 22050, 1), ("c.ogg", 48000, 2),
+        ("d.mp3", 44100, 2), ("sub/e.wav", 16000, 6), ("sub/f.flac", 96000, 1),
+    ]
+    (folder / "sub").mkdir(parents=True)
+    for index, (name, rate, channels) in enumerate(layouts):
+        audiogen.write_song(folder / name, seconds=1.5 + 0.25 * index, rate=rate,
+                            channels=channels, leading_silence=0.3, trailing_silence=0.5,
+                            freq=220.0 + 60 * index, seed=index)
+    return folder
+
+
+def reference_codes(path, *, sample_rate=16000, trim_db=40.0, quality="HQ") -> np.ndarray:
+    """The slow, obviously-correct pipeline: whole-file decode, mean mix, soxr, encode, trim."""
+    frames, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    mono = reference.downmix(frames)
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality=quality)
+    codes = reference.mulaw_encode(mono)
+    threshold = reference.peak_amplitude(codes) * 10 ** (-trim_db / 20)
+    start, stop = reference.trim_bounds(codes, threshold)
+    return codes[start:stop]
+
+
+def run_cli(*args, check=True, env=None, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([*RAINFOREST, *map(str, args)], capture_output=True, text=True,
+                            env=env, **kwargs)
+    if check and result.returncode not in (0, 3):
+        raise AssertionError(f"rainforest {args} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def assert_same_tree(left: Path, right: Path) -> None:
+    """Byte-identical folders: same file names, same bytes."""
+    comparison = filecmp.dircmp(left, right)
+    assert not comparison.left_only and not comparison.right_only, (
+        comparison.left_only, comparison.right_only)
+    names = [p.relative_to(left) for p in left.rglob("*") if p.is_file()]
+    assert names, "empty dataset"
+    for name in names:
+        assert (left / name).read_bytes() == (right / name).read_bytes(), name
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
