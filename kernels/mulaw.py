@@ -9,9 +9,16 @@ Inputs outside [-1, 1] are clipped. Encoding needs no logarithm per sample: the 
 monotonic, so each code k has a smallest float32 input ``t_k`` that reaches it. Those 255
 thresholds are found once, by bisection over the float32 values with the formula itself, and
 encoding becomes a table look-up plus one comparison, exact for every float32 input.
+
+The per-sample integer work is emitted as 32-bit LLVM IR (:func:`_bucket_index`,
+:func:`_finish_code`) because Numba widens int32 arithmetic to int64, which halves the SIMD
+width; the look-up itself is a short scalar loop between two vectorised ones.
 """
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from rainforest.errors import ParameterError
 from rainforest.kernels._flags import jit
@@ -39,29 +46,46 @@ def _key_to_float(keys):
     return (keys ^ ((keys >> 31) & np.int32(0x7FFFFFFF))).view(np.float32)
 
 
-def _build_encode_tables():
-    # Smallest key reaching code k, for k = 1..255, by bisection over every float32 key in
-    # [-1, 1] (the range outside clips to codes 0 and 255).
-    lo = np.full(MU, _ordered_keys(np.float32(-1.0)), dtype=np.int64)
-    hi = np.full(MU, _ordered_keys(np.float32(1.0)), dtype=np.int64)
+_KEY_MINUS_ONE = int(_ordered_keys(np.float32(-1.0)))
+_KEY_ONE = int(_ordered_keys(np.float32(1.0)))
+# A bucket is 2**18 consecutive float32 keys: at most 3.1% of its values' magnitude, narrower
+# than any mu-law bin (at least 4%), so it holds at most one threshold (checked at build).
+_BUCKET_SHIFT = 18
+_LOW_MASK = (1 << _BUCKET_SHIFT) - 1
+_FIRST_BUCKET = _KEY_MINUS_ONE >> _BUCKET_SHIFT
+#: Samples per chunk: the index and entry buffers of a chunk stay in L1.
+_CHUNK = 512
+
+
+def _threshold_keys():
+    """Key of the smallest float32 reaching code k, for k = 1..255, by bisection over every
+    float32 key in [-1, 1] (the range outside clips to codes 0 and 255)."""
+    lo = np.full(MU, _KEY_MINUS_ONE, dtype=np.int64)
+    hi = np.full(MU, _KEY_ONE, dtype=np.int64)
     target = np.arange(1, MU + 1)
     while np.any(hi - lo > 0):
         mid = (lo + hi) // 2
         reached = _formula_codes(_key_to_float(mid.astype(np.int32))) >= target
         hi = np.where(reached, mid, hi)
         lo = np.where(reached, lo, mid + 1)
-    threshold_keys = np.empty(MU + 2, dtype=np.int32)
-    threshold_keys[0] = np.iinfo(np.int32).min
-    threshold_keys[1 : MU + 1] = hi
-    threshold_keys[MU + 1] = np.iinfo(np.int32).max  # sentinel: code 255 never increments
-    # The top 16 bits of a key name a bucket of floats within 0.8% of each other; mu-law bins
-    # are at least 4% wide, so a bucket holds at most one threshold (checked below).
-    bucket_first_keys = (np.arange(65536, dtype=np.int64) - 32768) << 16
-    base = np.searchsorted(threshold_keys[1 : MU + 1], bucket_first_keys, side="right")
-    bucket_last_keys = bucket_first_keys + 0xFFFF
-    top = np.searchsorted(threshold_keys[1 : MU + 1], bucket_last_keys, side="right")
-    assert np.all(top - base <= 1), "a bucket holds two mu-law thresholds"
-    return base.astype(np.uint8), threshold_keys
+    return hi
+
+
+def _build_encode_table():
+    """One int32 per bucket of clipped keys: ``code | rise << 8``.
+
+    ``code`` is the code of the bucket's first key and ``rise`` the offset within the bucket of
+    the threshold to code + 1, or 2**18 (never reached) when the bucket holds none.
+    """
+    thresholds = _threshold_keys()
+    buckets = np.arange(_FIRST_BUCKET, (_KEY_ONE >> _BUCKET_SHIFT) + 1, dtype=np.int64)
+    first_keys = buckets << _BUCKET_SHIFT
+    code = np.searchsorted(thresholds, first_keys, side="right")
+    next_code = np.searchsorted(thresholds, first_keys + _LOW_MASK, side="right")
+    assert np.all(next_code - code <= 1), "a bucket holds two mu-law thresholds"
+    next_threshold = thresholds[np.minimum(code, MU - 1)]
+    rise = np.where(next_code > code, next_threshold - first_keys, _LOW_MASK + 1)
+    return (code | (rise << 8)).astype(np.int32)
 
 
 def _build_decode_table():
@@ -69,22 +93,83 @@ def _build_decode_table():
     return (np.sign(y) * ((1.0 + MU) ** np.abs(y) - 1.0) / MU).astype(np.float32)
 
 
-_BUCKET_BASE, _THRESHOLD_KEYS = _build_encode_tables()
+_ENCODE_TABLE = _build_encode_table()
 DECODE_TABLE = _build_decode_table()
 DECODE_TABLE.setflags(write=False)
 
+_I32 = ir.IntType(32)
+
+
+def _clipped_key(builder, bits):
+    """IR: the ordered key of float32 ``bits``, clamped to the keys of [-1, 1]."""
+    sign_fill = builder.and_(builder.ashr(bits, _I32(31)), _I32(0x7FFFFFFF))
+    key = builder.xor(bits, sign_fill)
+    key = builder.select(
+        builder.icmp_signed("<", key, _I32(_KEY_MINUS_ONE)), _I32(_KEY_MINUS_ONE), key
+    )
+    return builder.select(builder.icmp_signed(">", key, _I32(_KEY_ONE)), _I32(_KEY_ONE), key)
+
+
+@intrinsic
+def _bucket_index(typingctx, bits):
+    """Encode-table index of a float32 given as its int32 bit pattern."""
+
+    def codegen(context, builder, signature, args):
+        key = _clipped_key(builder, args[0])
+        return builder.sub(builder.ashr(key, _I32(_BUCKET_SHIFT)), _I32(_FIRST_BUCKET))
+
+    return types.uint32(types.int32), codegen
+
+
+@intrinsic
+def _finish_code(typingctx, bits, entry):
+    """The code of ``bits`` from its encode-table entry: base code, plus one past the rise."""
+
+    def codegen(context, builder, signature, args):
+        bits, entry = args
+        low = builder.and_(_clipped_key(builder, bits), _I32(_LOW_MASK))
+        past_rise = builder.icmp_signed(">=", low, builder.ashr(entry, _I32(8)))
+        code = builder.add(builder.and_(entry, _I32(0xFF)), builder.zext(past_rise, _I32))
+        return builder.trunc(code, ir.IntType(8))
+
+    return types.uint8(types.int32, types.int32), codegen
+
+
+@intrinsic
+def _add_if_nan(typingctx, count, bits):
+    """``count + isnan(bits)`` in int32: a NaN has all exponent bits and some mantissa bit set."""
+
+    def codegen(context, builder, signature, args):
+        count, bits = args
+        magnitude = builder.and_(bits, _I32(0x7FFFFFFF))
+        nan = builder.icmp_signed(">", magnitude, _I32(0x7F800000))
+        return builder.add(count, builder.zext(nan, _I32))
+
+    return types.int32(types.int32, types.int32), codegen
+
 
 @jit
-def _mulaw_encode(x, out, bucket_base, threshold_keys):
+def _mulaw_encode(x, out, table):
     """Encode float32 ``x`` into ``out``; returns the number of NaNs seen."""
-    keys = x.view(np.int32)
+    all_bits = x.view(np.int32)
+    index = np.empty(_CHUNK, dtype=np.uint32)
+    entry = np.empty(_CHUNK, dtype=np.int32)
     nans = 0
-    for i in range(x.shape[0]):
-        bits = keys[i]
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        code = bucket_base[(key >> 16) + 32768]
-        out[i] = code + (key >= threshold_keys[code + 1])
-        nans += x[i] != x[i]
+    for start in range(0, x.shape[0], _CHUNK):
+        size = min(_CHUNK, x.shape[0] - start)
+        # Slices, not start + i: Numba cannot prove start + i >= 0 and would add
+        # negative-index wraparound, which stops LLVM vectorising.
+        bits = all_bits[start : start + size]
+        codes = out[start : start + size]
+        chunk_nans = np.int32(0)
+        for i in range(size):  # vectorised
+            index[i] = _bucket_index(bits[i])
+            chunk_nans = _add_if_nan(chunk_nans, bits[i])
+        for i in range(size):  # the look-up stays scalar: LLVM emits no gather on AVX2 targets
+            entry[i] = table[index[i]]
+        for i in range(size):  # vectorised
+            codes[i] = _finish_code(bits[i], entry[i])
+        nans += chunk_nans
     return nans
 
 
@@ -121,7 +206,7 @@ def mulaw_encode(x, *, out=None):
     """
     x = as_1d("x", x, np.float32)
     out = _output("out", out, x.shape[0], np.uint8)
-    nans = _mulaw_encode(x, out, _BUCKET_BASE, _THRESHOLD_KEYS)
+    nans = _mulaw_encode(x, out, _ENCODE_TABLE)
     if nans:
         first = int(np.flatnonzero(np.isnan(x))[0])
         raise ParameterError(f"x holds {nans} NaN sample(s), the first at index {first}")

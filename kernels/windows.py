@@ -18,7 +18,8 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 @jit
 def _splitmix64(state):
-    z = state + _GOLDEN
+    """The splitmix64 output mix of a state the caller has already advanced."""
+    z = state
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
     return z ^ (z >> np.uint64(31))

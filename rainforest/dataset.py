@@ -135,7 +135,9 @@ class Dataset:
             path = self._local_copy(url, self.shards[name]) if storage.is_remote(url) else url
             codes = np.load(path, mmap_mode="r", allow_pickle=False)
             if codes.dtype != np.uint8 or codes.ndim != 1:
-                raise DatasetFormatError(f"{url} holds {codes.dtype} {codes.shape}, not uint8 codes")
+                raise DatasetFormatError(
+                    f"{url} holds {codes.dtype} {codes.shape}, not uint8 codes"
+                )
             if codes.shape[0] != self.shards[name]["samples"]:
                 raise DatasetFormatError(
                     f"{url} holds {codes.shape[0]} codes but the manifest says "

@@ -122,7 +122,8 @@ def make_plan(
     next_number = max(used, default=-1) + 1
     new = [song for key, song in current.items() if key not in planned and key not in done]
     for first in range(0, len(new), songs_per_shard):
-        shards.append({"name": shard_name(next_number), "songs": new[first : first + songs_per_shard]})
+        songs = new[first : first + songs_per_shard]
+        shards.append({"name": shard_name(next_number), "songs": songs})
         next_number += 1
     return shards, duplicates
 
@@ -438,7 +439,8 @@ def preprocess(
     listed = storage.list_sources(sources)
     if not listed:
         raise ParameterError(
-            f"no audio files found in {list(sources)} (looked for {', '.join(storage.AUDIO_EXTENSIONS)})"
+            f"no audio files found in {list(sources)} "
+            f"(looked for {', '.join(storage.AUDIO_EXTENSIONS)})"
         )
     old_plan = _load_plan(out, config)
     storage.remove_stale_staging(storage.join(out, SHARD_DIR))

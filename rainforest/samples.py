@@ -114,8 +114,8 @@ def debian_music(package: str = DEFAULT_PACKAGE, *,
         deb = _apt_download(package, downloads)
         extracted = work / "root"
         _run(["dpkg", "-x", str(deb), str(extracted)],
-             f"dpkg -x could not unpack {deb.name}; the download may be corrupt. Delete "
-             f"{base} and try again.")
+             f"dpkg -x could not unpack {deb.name}; the download may be corrupt (it was "
+             "discarded), so try again")
         files = _music_files(extracted)
         if not files:
             raise RainforestError(

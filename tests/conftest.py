@@ -38,7 +38,7 @@ def song_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def reference_codes(path, *, sample_rate=16000, trim_db=40.0, quality="HQ") -> np.ndarray:
+def reference_codes(path, *, sample_rate=16000, trim_db=40.0, quality="MQ") -> np.ndarray:
     """The slow, obviously-correct pipeline: whole-file decode, mean mix, soxr, encode, trim."""
     frames, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     mono = reference.downmix(frames)

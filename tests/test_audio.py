@@ -11,12 +11,12 @@ import subprocess
 import sys
 import textwrap
 
-import audiogen
 import numpy as np
 import pytest
 import soundfile
 import soxr
 
+import audiogen
 from rainforest.audio import BLOCK_FRAMES, SongDecoder, decode_mono
 from rainforest.errors import AudioDecodeError, ParameterError
 

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import RAINFOREST, assert_same_tree, run_cli
 
 import audiogen
+from conftest import RAINFOREST, assert_same_tree, run_cli
 from rainforest.preprocess import preprocess
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

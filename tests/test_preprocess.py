@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import soundfile
-from conftest import assert_same_tree, reference_codes, run_cli
 
 import audiogen
+from conftest import assert_same_tree, reference_codes, run_cli
 from rainforest.config import AudioConfig
 from rainforest.dataset import Dataset, read_manifest
 from rainforest.errors import DatasetFormatError, ParameterError

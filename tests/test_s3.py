@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import free_port, run_cli
 
+from conftest import free_port, run_cli
 from rainforest.dataset import Dataset, read_manifest
 from rainforest.preprocess import preprocess
 

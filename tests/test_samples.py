@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
-import audiogen
 import numpy as np
 import pytest
 import soundfile
 
+import audiogen
 from rainforest.audio import SongDecoder
 from rainforest.errors import ParameterError, RainforestError
 from rainforest.samples import cache_root, debian_music, mp3_copies
