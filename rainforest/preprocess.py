@@ -462,7 +462,7 @@ def preprocess(
             "songs_per_shard": songs_per_shard, "shards": shards,
         })
         pending = [shard for shard in shards if shard["name"] not in records]
-        skipped = sum(1 for e in identified if "sha256" in e and _identity(e) in done)
+        skipped = len({_identity(e) for e in identified if "sha256" in e} & done)
         if skipped:
             log(f"resuming: {skipped} song(s) already done, {len(pending)} shard(s) to go")
 

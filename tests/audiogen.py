@@ -150,3 +150,26 @@ def write_truncated_mp3(path, *, fraction: float = 0.4, seconds: float = 2.0,
     os.remove(whole)
     path.write_bytes(data[: int(len(data) * fraction)])
     return path
+
+
+def write_long_wav(path, *, seconds: float, rate: int = 44100, channels: int = 2,
+                   block_seconds: float = 10.0) -> Path:
+    """A long 16-bit wav (RF64 beyond 4 GiB), written block by block in bounded memory.
+
+    Each block is a :func:`tone` at its own pitch, so the song is not one repeated block.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames_left = int(round(seconds * rate))
+    bytes_needed = frames_left * channels * 2
+    file_format = "RF64" if bytes_needed > 4_000_000_000 else "WAV"
+    with soundfile.SoundFile(str(path), "w", samplerate=rate, channels=channels,
+                             format=file_format, subtype="PCM_16") as song:
+        block = 0
+        while frames_left > 0:
+            frames = min(frames_left, int(block_seconds * rate))
+            song.write(tone(frames / rate, rate, channels, freq=110.0 + 7 * (block % 50),
+                            seed=block)[:frames])
+            frames_left -= frames
+            block += 1
+    return path
