@@ -19,8 +19,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-import audiogen  # noqa: E402
 from test_memory import MEASURE  # noqa: E402
+
+import audiogen  # noqa: E402
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile
-from conftest import reference_codes
 
+from conftest import reference_codes
 from rainforest.dataset import Dataset
 from rainforest.preprocess import preprocess
 from rainforest.samples import debian_music, mp3_copies
