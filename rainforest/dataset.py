@@ -158,7 +158,8 @@ class Dataset:
         path = os.path.join(cache, f"{shard['sha256']}.npy")
         if not os.path.exists(path):
             staging = storage.local_staging_path(path)
-            storage.filesystem(url)[0].get_file(storage.filesystem(url)[1], staging)
+            fs, remote_path = storage.filesystem(url)
+            fs.get_file(remote_path, staging)
             if file_sha256(staging) != shard["sha256"]:
                 os.remove(staging)
                 raise DatasetFormatError(f"{url} does not match the sha256 in the manifest")

@@ -42,7 +42,7 @@ from rainforest.dataset import (
     file_sha256,
     shard_name,
 )
-from rainforest.errors import AudioDecodeError, ParameterError, RainforestError
+from rainforest.errors import AudioDecodeError, ParameterError
 from rainforest.kernels import mulaw_encode, peak_amplitude, relative_threshold, trim_bounds
 
 #: Songs per shard unless told otherwise: small enough to spread a few dozen songs over a
@@ -494,5 +494,5 @@ def preprocess(
     }
 
 
-__all__ = ["RainforestError", "ShardWriter", "encode_song", "make_plan", "preprocess",
+__all__ = ["ShardWriter", "encode_song", "make_plan", "preprocess",
            "process_shard"]
