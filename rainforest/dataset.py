@@ -13,7 +13,6 @@ know. Shards are plain ``.npy`` and are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -160,19 +159,11 @@ class Dataset:
             staging = storage.local_staging_path(path)
             fs, remote_path = storage.filesystem(url)
             fs.get_file(remote_path, staging)
-            if file_sha256(staging) != shard["sha256"]:
+            if storage.sha256_of(staging) != shard["sha256"]:
                 os.remove(staging)
                 raise DatasetFormatError(f"{url} does not match the sha256 in the manifest")
             os.replace(staging, path)
         return path
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def summary(url: str) -> dict[str, Any]:

@@ -39,7 +39,6 @@ from rainforest.dataset import (
     SHARD_FORMAT,
     VERSION,
     check_header,
-    file_sha256,
     shard_name,
 )
 from rainforest.errors import AudioDecodeError, ParameterError
@@ -158,7 +157,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        size, digest = os.path.getsize(self.staging), file_sha256(self.staging)
+        size, digest = os.path.getsize(self.staging), storage.sha256_of(self.staging)
         storage.commit_file(self.staging, self.url)
         return size, digest
 
@@ -273,14 +272,11 @@ def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> di
                     finally:
                         if local != spec["source"]:
                             os.remove(local)
-                except AudioDecodeError as error:
+                except Exception as error:  # a bad song, or a bug, must not stop the run
                     writer.rollback(offset)  # nothing of this song stays in the shard
-                    failed.append({**base, "reason": str(error)})
-                    continue
-                except Exception as error:  # a bug or an odd file must not stop the run
-                    writer.rollback(offset)
-                    failed.append({**base, "reason": f"internal error ({type(error).__name__}): "
-                                                     f"{error}; please report it"})
+                    reason = str(error) if isinstance(error, AudioDecodeError) else (
+                        f"internal error ({type(error).__name__}): {error}; please report it")
+                    failed.append({**base, "reason": reason})
                     continue
                 songs.append({**base, **fields, "id": spec["sha256"][:16], "label": spec["label"],
                               "shard": shard["name"], "offset": offset})
@@ -330,7 +326,7 @@ def _load_plan(out: str, config: AudioConfig) -> dict[str, Any] | None:
     return plan
 
 
-def build_manifest(out: str, config: AudioConfig, records: dict[str, dict[str, Any]],
+def build_manifest(config: AudioConfig, records: dict[str, dict[str, Any]],
                    unreadable: list[dict[str, Any]], duplicates: list[dict[str, str]]) -> dict:
     ordered = [records[name] for name in sorted(records)]
     songs = [song for record in ordered for song in record["songs"]]
@@ -354,7 +350,7 @@ def build_manifest(out: str, config: AudioConfig, records: dict[str, dict[str, A
 
 
 def _run_bag(client, function: Callable, items: list, *, description: str, unit: str,
-             progress: bool, on_result: Callable[[Any], None] | None = None) -> list:
+             progress: bool) -> list:
     """Map ``function`` over ``items`` with a Dask bag, one item per partition, in order."""
     import dask.bag as db
     from tqdm.auto import tqdm
@@ -368,8 +364,6 @@ def _run_bag(client, function: Callable, items: list, *, description: str, unit:
         if client is None:
             for index, part in enumerate(bag.to_delayed()):
                 results[index] = part.compute(scheduler="sync")[0]
-                if on_result:
-                    on_result(results[index])
                 bar.update(1)
             return results
         from distributed import as_completed
@@ -378,8 +372,6 @@ def _run_bag(client, function: Callable, items: list, *, description: str, unit:
         index_of = {future.key: index for index, future in enumerate(futures)}
         for future in as_completed(futures):
             results[index_of[future.key]] = future.result()[0]
-            if on_result:
-                on_result(results[index_of[future.key]])
             bar.update(1)
     return results
 
@@ -475,7 +467,7 @@ def preprocess(
         records[record["name"]] = record
     unreadable = [{"source": e["source"], "source_size": e["size"], "reason": e["reason"]}
                   for e in identified if "reason" in e]
-    manifest = build_manifest(out, config, records, unreadable, duplicates)
+    manifest = build_manifest(config, records, unreadable, duplicates)
     storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
 
     elapsed = time.perf_counter() - started
