@@ -76,6 +76,40 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return EXIT_SOME_SONGS_FAILED if summary["failed"] else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    # TensorFlow's C++ info lines would bury the progress output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rainforest.dataset import Dataset
+    from rainforest.model import load_model_config
+    from rainforest.train import TrainConfig, dataset_labels, train
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, target_length=args.target_length,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm,
+        validation_fraction=args.val_fraction, validation_every=args.val_every,
+        validation_windows=args.val_windows, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep, seed=args.seed, compile=args.compile,
+        precision=args.precision, log_every=args.log_every,
+    )
+    model_config = load_model_config(args.config)
+    if args.condition and not args.resume:
+        model_config = dataclasses.replace(model_config,
+                                           labels=dataset_labels(Dataset(args.dataset)))
+    result = train(args.dataset, args.run, model_config=model_config, config=config,
+                   resume=args.resume, progress=not args.no_progress)
+    if result["rank"] == 0:
+        bits = result["validation_bits"]
+        held = (f"held-out {bits:.3f} bits/sample (unigram {result['unigram_bits']:.3f})"
+                if result["unigram_bits"] is not None else "no held-out songs")
+        print(f"done: step {result['step']} on {result['ranks']} rank(s), {held}; "
+              f"checkpoints in {args.run}/checkpoints, curves in {args.run}/curves.png, "
+              f"TensorBoard: tensorboard --logdir {args.run}/tensorboard")
+    return 0
+
+
 def format_summary(info: dict) -> str:
     lines = [
         f"dataset      {info['dataset']} (format version {info['format_version']})",
@@ -160,14 +194,62 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_audio_options(pre)
-    pre.set_defaults(run=cmd_preprocess)
+    pre.set_defaults(handler=cmd_preprocess)
+
+    tr = commands.add_parser(
+        "train", help="train a WaveNet on a dataset (one process, horovodrun, mpirun or srun)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a WaveNet with Horovod ring allreduce. Run it as it is for one "
+                    "process, or under `horovodrun -np 2 -H localhost:2 --gloo`, "
+                    "`horovodrun --mpi`, `mpirun -np N` or Slurm's `srun`: every rank reads "
+                    "its own share of the songs. Rank 0 shows progress, measures held-out bits "
+                    "per sample, and writes checkpoints, TensorBoard scalars "
+                    "(RUN/tensorboard), RUN/metrics.jsonl and RUN/curves.png. SIGTERM or "
+                    "Ctrl-C writes a checkpoint and exits cleanly; --resume continues exactly.",
+    )
+    tr.add_argument("dataset", metavar="DATASET",
+                    help="dataset folder or s3:// prefix written by `rainforest preprocess`")
+    tr.add_argument("--run", required=True, metavar="RUN",
+                    help="run folder for checkpoints and logs (local or shared filesystem)")
+    tr.add_argument("--config", default="default", metavar="NAME|FILE.json",
+                    help="model config: a preset (tiny, default, medium) or a JSON file with "
+                         "ModelConfig fields")
+    tr.add_argument("--condition", action="store_true",
+                    help="condition on the songs' labels (preprocess with --labels parent)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue RUN from its latest checkpoint (configs come from it; "
+                         "--steps may raise the total)")
+    tr.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
+    tr.add_argument("--batch-size", type=int, default=4, help="windows per step per rank")
+    tr.add_argument("--target-length", type=int, default=4096,
+                    help="predicted codes per window (window = receptive field + this)")
+    tr.add_argument("--lr", type=float, default=1e-3,
+                    help="Adam learning rate of one rank; scaled by the rank count after "
+                         "warm-up")
+    tr.add_argument("--warmup-steps", type=int, default=100, help="learning-rate warm-up")
+    tr.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+    tr.add_argument("--val-fraction", type=float, default=0.1,
+                    help="share of songs held out for validation (0: none)")
+    tr.add_argument("--val-every", type=int, default=100,
+                    help="measure held-out bits per sample every N steps")
+    tr.add_argument("--val-windows", type=int, default=64, help="held-out windows measured")
+    tr.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint period")
+    tr.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the weights and data order")
+    tr.add_argument("--compile", choices=["eager", "graph", "xla"], default="graph",
+                    help="eager, tf.function graph, or XLA (jit_compile) steps")
+    tr.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"],
+                    default="auto", help="auto: bfloat16 compute on a GPU, float32 on a CPU")
+    tr.add_argument("--log-every", type=int, default=10, help="metrics period in steps")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(handler=cmd_train)
 
     ins = commands.add_parser("inspect", help="summarise a dataset",
                               description="Songs, hours, sample rate, shards and their sizes, "
                                           "and the songs that failed with their reasons.")
     ins.add_argument("dataset", metavar="DATASET", help="dataset folder or s3:// prefix")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ins.set_defaults(run=cmd_inspect)
+    ins.set_defaults(handler=cmd_inspect)
 
     demo = commands.add_parser(
         "demo", help="run the pipeline end to end on real songs",
@@ -181,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-data", help="working folder (default: %(default)s)")
     demo.add_argument("--cluster", default="local", help=CLUSTER_HELP)
     _add_audio_options(demo)
-    demo.set_defaults(run=cmd_demo)
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return args.handler(args)
     except RainforestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

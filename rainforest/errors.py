@@ -19,3 +19,7 @@ class AudioDecodeError(RainforestError):
 
 class DatasetFormatError(RainforestError):
     """A dataset or manifest is missing, foreign, corrupt or of an unknown format version."""
+
+
+class CheckpointError(RainforestError):
+    """A checkpoint is missing, damaged, foreign, or of an unknown format version."""

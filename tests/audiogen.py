@@ -173,3 +173,28 @@ def write_long_wav(path, *, seconds: float, rate: int = 44100, channels: int = 2
             frames_left -= frames
             block += 1
     return path
+
+
+def write_periodic_songs(folder, *, songs: int = 6, seconds: float = 2.0, rate: int = 16000,
+                         labels: tuple[str, ...] = ("low", "high")) -> list[Path]:
+    """Songs repeating one random waveform period per label, in one sub-folder per label.
+
+    Every song of label ``k`` repeats the same cycle of ``24 + 12 k`` samples from its own
+    random phase, plus faint noise. A model whose receptive field spans a period can predict
+    held-out songs almost exactly, so their bits per sample must fall far below the unigram
+    entropy.
+    """
+    folder = Path(folder)
+    cycles = [np.random.default_rng(k).uniform(-0.6, 0.6, size=24 + 12 * k)
+              for k in range(len(labels))]
+    paths = []
+    frames = int(round(seconds * rate))
+    for index in range(songs):
+        k = index % len(labels)
+        rng = np.random.default_rng(1000 + index)
+        cycle = np.roll(cycles[k], int(rng.integers(0, cycles[k].size)))
+        samples = np.tile(cycle, frames // cycle.size + 1)[:frames]
+        samples = samples + 0.002 * rng.standard_normal(frames)
+        (folder / labels[k]).mkdir(parents=True, exist_ok=True)
+        paths.append(write_samples(folder / labels[k] / f"song{index}.wav", samples, rate))
+    return paths

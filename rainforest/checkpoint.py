@@ -1,0 +1,162 @@
+"""The checkpoint format of a training run, and its reader and writer.
+
+Layout of a run folder (local)::
+
+    RUN/checkpoints/step-000001000/model.weights.h5   Keras weights (HDF5: arrays only)
+    RUN/checkpoints/step-000001000/optimizer.h5       optimizer variables (HDF5: arrays only)
+    RUN/checkpoints/step-000001000/config.json        configs, step, data position, sha256s
+    RUN/checkpoints/latest                            name of the newest checkpoint (last)
+    RUN/tensorboard/, RUN/metrics.jsonl, RUN/curves.png
+
+A checkpoint is assembled in a hidden ``.tmp-`` folder and renamed into place, then ``latest``
+is replaced atomically, so a reader never sees half a checkpoint. Nothing is pickled: a
+checkpoint from a stranger cannot run code. Reading the config needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from rainforest import storage
+from rainforest.errors import CheckpointError
+
+FORMAT = "rainforest-checkpoint"
+VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.weights.h5"
+OPTIMIZER_NAME = "optimizer.h5"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def checkpoint_root(run: str) -> str:
+    return os.path.join(run, CHECKPOINT_DIR)
+
+
+def list_checkpoints(run: str) -> list[str]:
+    """Finished checkpoint folders of a run, oldest first."""
+    root = checkpoint_root(run)
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, name) for name in os.listdir(root)
+                  if name.startswith("step-") and os.path.isdir(os.path.join(root, name)))
+
+
+def latest(run: str) -> str:
+    """The folder of the newest checkpoint of ``run`` (a run folder or a checkpoint folder)."""
+    if os.path.isfile(os.path.join(run, CONFIG_NAME)):
+        return run
+    pointer = os.path.join(checkpoint_root(run), LATEST)
+    if not os.path.exists(pointer):
+        if not os.path.isdir(run):
+            raise CheckpointError(f"run folder {run} does not exist")
+        raise CheckpointError(
+            f"{run} has no checkpoint yet ({pointer} is missing); train with "
+            f"`rainforest train DATASET --run {run}` first"
+        )
+    with open(pointer, encoding="utf-8") as handle:
+        name = handle.read().strip()
+    folder = os.path.join(checkpoint_root(run), name)
+    if not name.startswith("step-") or not os.path.isdir(folder):
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of {run}")
+    return folder
+
+
+def read_config(folder: str) -> dict[str, Any]:
+    """A checkpoint's ``config.json``, checked for format and version."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}: not a rainforest checkpoint")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except ValueError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is damaged")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a rainforest checkpoint config")
+    if data.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {data.get('version')!r}; this rainforest "
+            f"reads version {VERSION}"
+        )
+    return data
+
+
+def verify(folder: str, config: dict[str, Any]) -> None:
+    """Check every file of a checkpoint against the sha256 recorded in its config."""
+    for name, digest in config["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise CheckpointError(f"checkpoint {folder} lacks {name}; it is damaged")
+        if storage.sha256_of(path) != digest:
+            raise CheckpointError(
+                f"{path} does not match the sha256 in {CONFIG_NAME}: the checkpoint is damaged. "
+                "Resume from an older one by pointing `latest` at it, or start a new --run"
+            )
+
+
+def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int) -> str:
+    """Write checkpoint ``step`` atomically and keep the newest ``keep`` checkpoints.
+
+    ``save_files(folder)`` writes the array files into ``folder``; their sha256s are recorded
+    in ``config.json`` under ``files``.
+    """
+    root = checkpoint_root(run)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, step_name(step))
+    staging = tempfile.mkdtemp(prefix=storage.TEMP_MARKER, dir=root)
+    try:
+        save_files(staging)
+        files = {name: storage.sha256_of(os.path.join(staging, name))
+                 for name in sorted(os.listdir(staging))}
+        document = {"format": FORMAT, "version": VERSION, "step": step, **config,
+                    "files": files}
+        with open(os.path.join(staging, CONFIG_NAME), "wb") as handle:
+            handle.write(storage.dumps_json(document))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    storage.write_bytes_atomic(os.path.join(root, LATEST), step_name(step).encode() + b"\n")
+    for old in list_checkpoints(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_arrays(path: str, arrays: list[tuple[str, np.ndarray]]) -> None:
+    """Named numeric arrays, in order, into an HDF5 file (no objects, nothing pickled)."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        for index, (name, array) in enumerate(arrays):
+            dataset = handle.create_dataset(f"{index:05d}", data=np.asarray(array))
+            dataset.attrs["name"] = name
+
+
+def load_arrays(path: str) -> list[tuple[str, np.ndarray]]:
+    """The arrays :func:`save_arrays` wrote, refusing anything that is not plain numbers."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            out = []
+            for key in sorted(handle):
+                dataset = handle[key]
+                if dataset.dtype.kind not in "biuf":
+                    raise CheckpointError(f"{path} holds non-numeric data ({dataset.dtype})")
+                out.append((str(dataset.attrs["name"]), dataset[()]))
+            return out
+    except OSError as error:
+        raise CheckpointError(f"{path} is not a readable HDF5 file ({error})") from None

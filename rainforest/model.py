@@ -1,0 +1,168 @@
+"""The WaveNet: causal dilated convolutions with gated units, in Keras 3 on TensorFlow.
+
+van den Oord et al., "WaveNet: A Generative Model for Raw Audio" (2016), sections 2.1-2.5.
+This module knows nothing about distribution; ``rainforest.train`` adds Horovod. It holds the
+config and the arithmetic and imports no TensorFlow, so generation machines without TensorFlow
+can read a checkpoint's config; the Keras network itself is in ``rainforest.layers``.
+
+Shapes: ``codes`` are ``(batch, length)`` integer mu-law codes. The network is "valid"
+(no padding): every layer shortens the sequence by its dilation, so an input of
+``receptive_field(config) - 1 + T`` codes yields ``T`` logit vectors; the one at position
+``i`` sees inputs ``i .. i + receptive_field - 1`` and predicts the code that follows them.
+
+Every weight is an explicit, named array so that ``rainforest.generate`` can export it:
+
+- input: a kernel-2 causal convolution over one-hot codes, stored as two embedding tables
+  (``input_previous``, ``input_current``) and a bias: a convolution over one-hot inputs is
+  a table lookup, so it costs no multiply-adds.
+- block ``k`` with dilation ``d``: ``gate_kernel`` (2, residual, 2*gate) with tap 0 on
+  ``x[t-d]`` and tap 1 on ``x[t]``, filter channels first, gate channels second;
+  ``gate_bias``; ``condition_kernel`` (condition, 2*gate) when labels exist;
+  ``residual_kernel``/``residual_bias`` (absent in the last block, whose residual output
+  nothing reads); ``skip_kernel``/``skip_bias``.
+- output: ReLU, ``output1`` (skip, skip), ReLU, ``output2`` (skip, classes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rainforest.config import from_dict
+from rainforest.errors import ParameterError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A WaveNet's shape. Saved in every checkpoint; generation needs nothing else.
+
+    Parameters
+    ----------
+    dilations
+        The dilation of each residual block, in order. The default, ``2 x (1, 2, ..., 256)``,
+        gives a receptive field of 1024 codes (64 ms at 16 kHz).
+    residual_channels, gate_channels, skip_channels
+        Widths of the residual stream, of the gated unit (filter and gate each), and of the
+        skip sum feeding the output stack.
+    classes
+        Number of code values; 256 for 8-bit mu-law.
+    labels
+        Label names for global conditioning (van den Oord et al. 2016, section 2.5), in
+        id order; empty for an unconditioned model. ``rainforest train --condition`` fills
+        them from the dataset manifest.
+    condition_channels
+        Width of the label embedding (ignored without labels).
+
+    Examples
+    --------
+    >>> receptive_field(ModelConfig())
+    1024
+    >>> receptive_field(PRESETS["medium"])
+    2048
+    """
+
+    dilations: tuple[int, ...] = tuple(2**i for i in range(9)) * 2
+    residual_channels: int = 32
+    gate_channels: int = 32
+    skip_channels: int = 64
+    classes: int = 256
+    labels: tuple[str, ...] = ()
+    condition_channels: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if not self.dilations or any(d < 1 for d in self.dilations):
+            raise ParameterError(f"dilations must be positive integers, got {self.dilations}")
+        for name in ("residual_channels", "gate_channels", "skip_channels",
+                     "condition_channels"):
+            if getattr(self, name) < 1:
+                raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.classes < 2:
+            raise ParameterError(f"classes must be >= 2, got {self.classes}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ParameterError(f"labels must be distinct, got {self.labels}")
+
+    @property
+    def conditioned(self) -> bool:
+        return bool(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["dilations"] = list(self.dilations)
+        data["labels"] = list(self.labels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return from_dict(cls, data)
+
+
+def _stacks(top: int, repeats: int) -> tuple[int, ...]:
+    return tuple(2**i for i in range(int(math.log2(top)) + 1)) * repeats
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For tests and smoke runs: trains in seconds on a laptop core.
+    "tiny": ModelConfig(dilations=_stacks(8, 2), residual_channels=16, gate_channels=16,
+                        skip_channels=32),
+    "default": ModelConfig(),
+    # The benchmark config shared with the generation benchmarks (issue 3/4).
+    "medium": ModelConfig(dilations=_stacks(512, 2), residual_channels=64, gate_channels=64,
+                          skip_channels=128),
+}
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """A preset name (``tiny``, ``default``, ``medium``) or a path to a JSON file."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if not spec.endswith(".json"):
+        raise ParameterError(
+            f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a .json file"
+        )
+    try:
+        with open(spec, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise ParameterError(f"model config file {spec} does not exist") from None
+    except ValueError as error:
+        raise ParameterError(f"model config file {spec} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ParameterError(f"model config file {spec} must hold a JSON object")
+    return ModelConfig.from_dict(data)
+
+
+def receptive_field(config: ModelConfig) -> int:
+    """How many input codes determine one output: 2 (the input convolution) + sum of dilations."""
+    return 2 + sum(config.dilations)
+
+
+def multiply_adds_per_sample(config: ModelConfig) -> int:
+    """Multiply-accumulates of the forward pass per output sample (the input lookup is free)."""
+    r, g, s, c = (config.residual_channels, config.gate_channels, config.skip_channels,
+                  config.classes)
+    per_block = 2 * r * 2 * g + g * s + g * r
+    last_block_has_no_residual = g * r
+    return len(config.dilations) * per_block - last_block_has_no_residual + s * s + s * c
+
+
+def build_model(config: ModelConfig, *, seed: int = 0):
+    """A built ``keras.Model`` with its weights created (call it on ``codes`` or ``(codes, labels)``).
+
+    Examples
+    --------
+    >>> model = build_model(PRESETS["tiny"])            # doctest: +SKIP
+    >>> logits = model(codes)                           # doctest: +SKIP
+    """
+    import keras
+
+    from rainforest.layers import WaveNet
+
+    keras.utils.set_random_seed(seed)
+    model = WaveNet(config)
+    model.build_weights()
+    return model
