@@ -73,3 +73,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def periodic_dataset(tmp_path_factory) -> Path:
+    """A labelled dataset of six periodic songs (two waveforms), preprocessed for real."""
+    from rainforest.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("periodic")
+    audiogen.write_periodic_songs(root / "songs")
+    preprocess([str(root / "songs")], str(root / "dataset"), cluster="sync", labels="parent",
+               progress=False, log=lambda line: None)
+    return root / "dataset"
+
+
+TINY_TRAINING = ["--config", "tiny", "--batch-size", "4", "--target-length", "256",
+                 "--val-fraction", "0.34", "--warmup-steps", "5", "--lr", "3e-3",
+                 "--no-progress"]
+
+
+def checkpoint_weights(folder) -> dict[str, np.ndarray]:
+    """Every array in a checkpoint's HDF5 files, by file and path (read with h5py)."""
+    import h5py
+
+    arrays = {}
+    for name in ("model.weights.h5", "optimizer.h5"):
+        with h5py.File(Path(folder) / name, "r") as handle:
+            def visit(path, item, name=name):
+                if isinstance(item, h5py.Dataset):
+                    arrays[f"{name}:{path}"] = item[()]
+            handle.visititems(visit)
+    return arrays
