@@ -131,8 +131,12 @@ def init_horovod():
     else:
         # Horovod: 2. on CPU, give each local rank its share of the cores (no oversubscription)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, cores // hvd.local_size()))
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(
+                max(1, cores // hvd.local_size()))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow already started in this process: keep its pools
+            pass
     return hvd
 
 

@@ -1,0 +1,53 @@
+"""Run by the Horovod tests under horovodrun/mpirun (or alone as one rank).
+
+    python tests/horovod_worker.py MODE OUT_DIR
+
+MODE ``consistency``: each rank starts from different weights (seed = rank) and trains 3
+steps on its own random windows; the broadcast after step 1 and the allreduce must leave
+every rank with the same weights. MODE ``equivalence``: one step on a fixed global batch
+of 2B windows, each rank taking its B (one rank takes all 2B). Each rank saves its weights
+to ``OUT_DIR/rank-R.npz``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from rainforest.model import PRESETS, receptive_field
+from rainforest.train import Trainer, TrainConfig, init_horovod
+
+BATCH_PER_RANK_AT_TWO = 3
+TARGET = 64
+
+
+def main(mode: str, out: str) -> None:
+    hvd = init_horovod()
+    rank, size = hvd.rank(), hvd.size()
+    model_config = PRESETS["tiny"]
+    window = receptive_field(model_config) + TARGET
+    if mode == "consistency":
+        config = TrainConfig(seed=rank, batch_size=2, target_length=TARGET, warmup_steps=0)
+        trainer = Trainer(model_config, config, hvd)
+        rng = np.random.default_rng(100 + rank)
+        for step in range(3):
+            windows = rng.integers(0, 256, (2, window)).astype(np.uint8)
+            trainer.train_step(windows, np.zeros(2, np.int32), step)
+    elif mode == "equivalence":
+        global_batch = 2 * BATCH_PER_RANK_AT_TWO
+        config = TrainConfig(seed=0, batch_size=global_batch // size, target_length=TARGET,
+                             learning_rate=1e-2, warmup_steps=10)
+        trainer = Trainer(model_config, config, hvd)
+        windows = np.random.default_rng(5).integers(0, 256, (global_batch, window))
+        mine = np.array_split(windows.astype(np.uint8), size)[rank]
+        trainer.train_step(mine, np.zeros(mine.shape[0], np.int32), 0)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    weights = {f"w{i:03d}": w for i, w in enumerate(trainer.weights())}
+    np.savez(os.path.join(out, f"rank-{rank}.npz"), size=size, **weights)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
