@@ -56,11 +56,12 @@ class ResidualBlock(keras.layers.Layer):
         if condition is not None:
             z = z + ops.expand_dims(ops.matmul(condition, self.condition_kernel), 1)
         gated = ops.tanh(z[..., :g]) * ops.sigmoid(z[..., g:])
-        skip = ops.matmul(gated[:, -target_length:], self.skip_kernel) + self.skip_bias
+        # The skip projection is applied to all blocks at once by the model (one big matmul).
+        skip_input = gated[:, -target_length:]
         if not self.has_residual:
-            return None, skip
+            return None, skip_input
         residual = ops.matmul(gated, self.residual_kernel) + self.residual_bias + current
-        return residual, skip
+        return residual, skip_input
 
 
 class WaveNet(keras.Model):
@@ -119,10 +120,15 @@ class WaveNet(keras.Model):
                 raise ValueError("this model is conditioned on labels; call model(codes, labels)")
             condition = ops.take(self.label_embedding, ops.cast(labels, "int32"), axis=0)
             condition = ops.cast(condition, self.compute_dtype)
-        skip_sum = None
+        skip_inputs = []
         for block in self.blocks:
-            hidden, skip = block(hidden, condition=condition, target_length=target_length)
-            skip_sum = skip if skip_sum is None else skip_sum + skip
+            hidden, skip_input = block(hidden, condition=condition, target_length=target_length)
+            skip_inputs.append(skip_input)
+        # sum_k gated_k @ W_k == concat_k(gated_k) @ stack_k(W_k): one wide, efficient matmul
+        # instead of one narrow matmul and one full-size addition per block.
+        skip_kernel = ops.concatenate([b.skip_kernel for b in self.blocks], axis=0)
+        skip_bias = sum(b.skip_bias for b in self.blocks)
+        skip_sum = ops.matmul(ops.concatenate(skip_inputs, axis=-1), skip_kernel) + skip_bias
         out = ops.relu(skip_sum)
         out = ops.relu(ops.matmul(out, self.output1_kernel) + self.output1_bias)
         logits = ops.matmul(out, self.output2_kernel) + self.output2_bias

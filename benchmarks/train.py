@@ -1,0 +1,140 @@
+"""Training throughput of the WaveNet, and its FLOP rate against this machine's matmul peak.
+
+Run with ``python benchmarks/train.py [--config medium] [--batch-size 1] [--target-length 16384]``.
+Each round measures, side by side so that machine noise hits all alike:
+
+* peak:        a 4096^3 float32 numpy matmul on every core (the same cores TensorFlow uses);
+* eager / graph / xla: one rank (``rainforest.train.Trainer``) in a fresh process, with
+  eager execution, ``tf.function`` and ``tf.function(jit_compile=True)``;
+* graph x2:    two ranks under ``horovodrun -np 2 --gloo``, each with half the cores and the
+  same per-rank batch (weak scaling).
+
+Batches are random codes held in memory (the input pipeline is not what is measured) and the
+first steps, which trace and compile, are left out. It prints medians with min..max over the
+rounds, target samples per second, the scaling efficiency (two ranks against one, same cores)
+and the training FLOP rate as a share of the peak, counting 3 x 2 x (forward multiply-adds per
+sample) per target sample: forward, and the backward pass's two matmuls per forward matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.abspath(__file__)
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
+    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    a @ a
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times) / 1e9
+
+
+def worker(config_name: str, mode: str, batch: int, target: int, steps: int, warmup: int):
+    """Time ``steps`` training steps in this process (one rank of however many Horovod has)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rainforest.model import PRESETS, receptive_field
+    from rainforest.train import Trainer, TrainConfig, init_horovod
+
+    hvd = init_horovod()
+    model_config = PRESETS[config_name]
+    config = TrainConfig(batch_size=batch, target_length=target, compile=mode, warmup_steps=0)
+    trainer = Trainer(model_config, config, hvd)
+    window = receptive_field(model_config) + target
+    rng = np.random.default_rng(hvd.rank())
+    windows = rng.integers(0, 256, (batch, window)).astype(np.uint8)
+    labels = np.zeros(batch, np.int32)
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        trainer.train_step(windows, labels, step)  # returns host floats: the step is done
+        times.append(time.perf_counter() - start)
+    if hvd.rank() == 0:
+        print("RESULT " + json.dumps({"step_seconds": float(np.median(times[warmup:])),
+                                      "ranks": hvd.size()}), flush=True)
+
+
+def run_variant(args, mode: str, ranks: int) -> dict:
+    command = [sys.executable, HERE, "--worker", mode, "--config", args.config,
+               "--batch-size", str(args.batch_size), "--target-length", str(args.target_length),
+               "--steps", str(args.steps if mode != "eager" else max(2, args.steps // 2))]
+    if ranks > 1:
+        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        command = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo",
+                   *command]
+    output = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in output.stdout.splitlines():
+        if "RESULT " in line:
+            return json.loads(line.split("RESULT ", 1)[1])
+    raise RuntimeError(f"{mode} x{ranks} failed:\n{output.stdout[-2000:]}{output.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="medium")
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per rank (1 rank)")
+    parser.add_argument("--target-length", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.config, args.worker, args.batch_size, args.target_length, args.steps,
+               warmup=2)
+        return
+
+    from rainforest.model import PRESETS, multiply_adds_per_sample, receptive_field
+
+    config = PRESETS[args.config]
+    flops_per_sample = 3 * 2 * multiply_adds_per_sample(config)
+    cores = len(os.sched_getaffinity(0))
+    per_step = args.batch_size * args.target_length
+    print(f"{platform.processor() or platform.machine()}, {cores} cores; config {args.config}: "
+          f"{len(config.dilations)} layers, receptive field {receptive_field(config)}, "
+          f"{multiply_adds_per_sample(config):,} forward multiply-adds per sample")
+    print(f"batch: {args.batch_size} x {args.target_length} = {per_step} target samples per "
+          "step on every rank (two ranks: twice the global batch, each rank on half the cores)")
+    variants = [("eager", 1), ("graph", 1), ("xla", 1), ("graph", 2)]
+    results: dict[str, list[float]] = {f"{m} x{r}": [] for m, r in variants}
+    peaks = []
+    for round_index in range(args.rounds):
+        peaks.append(matmul_gflops())
+        for mode, ranks in variants:
+            result = run_variant(args, mode, ranks)
+            samples = per_step * ranks  # every rank takes the same batch (weak scaling)
+            results[f"{mode} x{ranks}"].append(samples / result["step_seconds"])
+        peaks.append(matmul_gflops())
+        print(f"round {round_index + 1}: " + ", ".join(
+            f"{k} {v[-1]:.0f}/s" for k, v in results.items()) + f"; peak {peaks[-1]:.0f} GFLOP/s")
+    peak = float(np.median(peaks))
+    print(f"\nnumpy float32 matmul peak on {cores} cores: median {peak:.0f} GFLOP/s "
+          f"(min {min(peaks):.0f}, max {max(peaks):.0f})")
+    print(f"{'variant':<10} {'samples/s':>10} {'min..max':>15} {'GFLOP/s':>8} {'of peak':>8}")
+    for name, values in results.items():
+        median = float(np.median(values))
+        gflops = median * flops_per_sample / 1e9
+        print(f"{name:<10} {median:10.0f} {min(values):7.0f}..{max(values):<7.0f} "
+              f"{gflops:8.1f} {gflops / peak:8.1%}")
+    one, two = np.median(results["graph x1"]), np.median(results["graph x2"])
+    print(f"\nscaling: 2 ranks x {cores // 2} core(s) = {two:.0f} samples/s "
+          f"({two / 2:.0f} per rank) vs 1 rank x {cores} cores = {one:.0f}: efficiency "
+          f"{two / one:.2f} on the same cores")
+    best = max(results, key=lambda k: np.median(results[k]))
+    share = np.median(results[best]) * flops_per_sample / 1e9 / peak
+    print(f"best: {best}, {share:.1%} of the matmul peak (target >= 40%)")
+
+
+if __name__ == "__main__":
+    main()
