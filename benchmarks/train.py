@@ -46,7 +46,7 @@ def worker(config_name: str, mode: str, batch: int, target: int, steps: int, war
     """Time ``steps`` training steps in this process (one rank of however many Horovod has)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from rainforest.model import PRESETS, receptive_field
-    from rainforest.train import Trainer, TrainConfig, init_horovod
+    from rainforest.train import TrainConfig, Trainer, init_horovod
 
     hvd = init_horovod()
     model_config = PRESETS[config_name]

@@ -81,7 +81,8 @@ def read_config(folder: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
     except ValueError as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is damaged")
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}); the checkpoint is damaged") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a rainforest checkpoint config")
     if data.get("version") != VERSION:

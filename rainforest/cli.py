@@ -99,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_config = dataclasses.replace(model_config,
                                            labels=dataset_labels(Dataset(args.dataset)))
     result = train(args.dataset, args.run, model_config=model_config, config=config,
-                   resume=args.resume, progress=not args.no_progress)
+                   resume=args.resume, time_limit_minutes=args.time_limit,
+                   progress=not args.no_progress)
     if result["rank"] == 0:
         bits = result["validation_bits"]
         held = (f"held-out {bits:.3f} bits/sample (unigram {result['unigram_bits']:.3f})"
@@ -159,7 +160,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print_summary(result)
     print()
     print(format_summary(summary(out)))
+    if args.train_steps:
+        _demo_train(out, os.path.join(args.out, "run"), args)
     return 0
+
+
+def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
+    """Train on the demo dataset with horovodrun over Gloo on localhost, as a user would."""
+    import os
+    import shutil
+    import subprocess
+
+    from rainforest import checkpoint
+
+    command = [sys.executable, "-m", "rainforest.cli", "train", dataset, "--run", run,
+               "--config", args.train_config, "--steps", str(args.train_steps),
+               "--batch-size", "2", "--target-length", "2048", "--val-every",
+               str(max(1, args.train_steps // 2)), "--checkpoint-every",
+               str(max(1, args.train_steps // 2)), "--warmup-steps", "20"]
+    if checkpoint.list_checkpoints(run):
+        step = checkpoint.read_config(checkpoint.latest(run))["step"]
+        if step >= args.train_steps:
+            print(f"\n{run} is already trained to step {step}; delete it to train again")
+            return
+        command.append("--resume")
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    if args.ranks > 1:
+        if not os.path.exists(horovodrun) and shutil.which("horovodrun") is None:
+            raise RainforestError("horovodrun is not installed; run scripts/install.sh")
+        command = [horovodrun if os.path.exists(horovodrun) else "horovodrun",
+                   "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", "--gloo", *command]
+    print(f"\ntraining: {' '.join(command)}", flush=True)
+    if subprocess.run(command, check=False).returncode != 0:
+        raise RainforestError(f"training failed; see the messages above (run folder {run})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="eager, tf.function graph, or XLA (jit_compile) steps")
     tr.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"],
                     default="auto", help="auto: bfloat16 compute on a GPU, float32 on a CPU")
+    tr.add_argument("--time-limit", type=float, metavar="MINUTES",
+                    help="stop cleanly with a checkpoint after this much wall time "
+                         "(e.g. inside a Slurm time limit); --resume continues")
     tr.add_argument("--log-every", type=int, default=10, help="metrics period in steps")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(handler=cmd_train)
@@ -254,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the pipeline end to end on real songs",
         description="Fetch real songs by Debian package name into the cache (or use --songs), "
-                    "and preprocess them on a local Dask cluster.",
+                    "preprocess them on a local Dask cluster, and train a WaveNet on them "
+                    "with 2 Horovod ranks (horovodrun, Gloo, localhost). Re-running resumes.",
     )
     demo.add_argument("--songs", nargs="+", metavar="SRC",
                       help="your own songs (files, folders, URLs) instead of the Debian package")
@@ -262,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Debian package with real music (default: %(default)s)")
     demo.add_argument("--out", default="demo-data", help="working folder (default: %(default)s)")
     demo.add_argument("--cluster", default="local", help=CLUSTER_HELP)
+    demo.add_argument("--train-steps", type=int, default=200,
+                      help="training steps after preprocessing (0: preprocess only)")
+    demo.add_argument("--ranks", type=int, default=2,
+                      help="Horovod ranks for training, started by horovodrun over Gloo on "
+                           "localhost (1: a single process)")
+    demo.add_argument("--train-config", default="default",
+                      help="model config preset or JSON file for the demo training")
     _add_audio_options(demo)
     demo.set_defaults(handler=cmd_demo)
     return parser

@@ -151,7 +151,7 @@ def multiply_adds_per_sample(config: ModelConfig) -> int:
 
 
 def build_model(config: ModelConfig, *, seed: int = 0):
-    """A built ``keras.Model`` with its weights created (call it on ``codes`` or ``(codes, labels)``).
+    """A ``keras.Model`` with its weights created; call it on ``codes`` or ``(codes, labels)``.
 
     Examples
     --------

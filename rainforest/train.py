@@ -253,7 +253,7 @@ class Trainer:
             raise CheckpointError(
                 f"{folder} holds {len(saved)} optimizer variables, this optimizer has "
                 f"{len(variables)}")
-        for (name, array), variable in zip(saved, variables):
+        for (name, array), variable in zip(saved, variables, strict=True):
             if name != variable.path or tuple(array.shape) != tuple(variable.shape):
                 raise CheckpointError(
                     f"optimizer variable {name} {array.shape} in {folder} does not match "
@@ -311,8 +311,12 @@ def dataset_labels(dataset: Dataset) -> tuple[str, ...]:
 
 def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None,
           config: TrainConfig | None = None, resume: bool = False,
+          time_limit_minutes: float | None = None,
           progress: bool = True, log=print) -> dict[str, Any]:
     """Train a WaveNet on a dataset; every rank calls this (see ``rainforest train --help``).
+
+    ``time_limit_minutes`` stops the run cleanly, with a checkpoint, once that much wall time
+    has passed since the first step (useful inside a Slurm time limit).
 
     Returns a summary on every rank: final step, last losses, held-out bits per sample.
     """
@@ -400,7 +404,10 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     tick, tick_step = time.perf_counter(), step
     val_bits = float("nan")
     stopped_by = ""
+    deadline = None if time_limit_minutes is None else time.monotonic() + 60 * time_limit_minutes
     for windows, labels in sampler.tf_dataset(start_step, config.steps):
+        if deadline is not None and time.monotonic() > deadline and not stop.requested:
+            stop.requested, stop.signal_name = True, "the time limit"
         loss, norm, stop_all = trainer.train_step(windows, labels, step,
                                                   stop_requested=stop.requested)
         step += 1
@@ -442,12 +449,13 @@ def _banner(dataset, model_config, config, size, n_train, n_held, start_step, re
     from rainforest.model import multiply_adds_per_sample
 
     where = f"resuming {resumed_from} at step {start_step}" if resumed_from else "new run"
+    labels = f", labels: {len(model_config.labels)}" if model_config.labels else ""
     return (
         f"training on {dataset.url}: {n_train} songs, {n_held} held out ({dataset.hours:.2f} h)\n"
         f"model: {len(model_config.dilations)} layers, receptive field "
         f"{receptive_field(model_config)} codes, residual {model_config.residual_channels}, "
         f"skip {model_config.skip_channels}, {multiply_adds_per_sample(model_config) / 1e6:.2f} "
-        f"M multiply-adds/sample{', labels: ' + str(len(model_config.labels)) if model_config.labels else ''}\n"
+        f"M multiply-adds/sample{labels}\n"
         f"{size} rank(s) x batch {config.batch_size} x {config.target_length} targets; "
         f"{config.compile}; {where}"
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_TRAINING
 
+from conftest import TINY_TRAINING
 from rainforest import checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -106,3 +106,21 @@ def test_train_command_on_two_ranks(launcher, periodic_dataset, tmp_path):
         2 * r["samples_per_second_per_rank"]) for r in timed)
     held = [r for r in rows if "validation_bits" in r]
     assert held[-1]["validation_bits"] < held[-1]["unigram_bits"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_with_two_gloo_ranks(tmp_path):
+    import audiogen
+
+    audiogen.write_periodic_songs(tmp_path / "songs")
+    out = tmp_path / "demo"
+    result = _launch(None, sys.executable, "-m", "rainforest.cli", "demo", "--songs",
+                     tmp_path / "songs", "--out", out, "--cluster", "local:2",
+                     "--train-steps", "6", "--train-config", "tiny")
+    assert "horovodrun -np 2 -H localhost:2 --gloo" in result.stdout
+    assert "done: step 6 on 2 rank(s)" in result.stdout
+    assert checkpoint.read_config(checkpoint.latest(str(out / "run")))["step"] == 6
+    again = _launch(None, sys.executable, "-m", "rainforest.cli", "demo", "--songs",
+                    tmp_path / "songs", "--out", out, "--cluster", "sync",
+                    "--train-steps", "6", "--train-config", "tiny")
+    assert "already trained to step 6" in again.stdout

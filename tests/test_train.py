@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,8 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import RAINFOREST, TINY_TRAINING, checkpoint_weights, run_cli
 
+from conftest import RAINFOREST, TINY_TRAINING, checkpoint_weights, run_cli
 from rainforest import checkpoint
 from rainforest.dataset import (
     Dataset,
@@ -26,8 +25,8 @@ from rainforest.dataset import (
     validation_windows,
 )
 from rainforest.errors import CheckpointError, ParameterError
-from rainforest.kernels import cut_windows, random_window_starts
-from rainforest.model import PRESETS, receptive_field
+from rainforest.kernels import random_window_starts
+from rainforest.model import PRESETS
 
 # --- the input pipeline --------------------------------------------------------------------
 
@@ -75,7 +74,7 @@ def test_window_sampler_is_a_function_of_the_step(periodic_dataset):
     which = np.searchsorted(sampler.virtual_offsets, starts, side="right") - 1
     expected = np.stack([
         dataset.song_codes(sampler.songs[w])[s - sampler.virtual_offsets[w]:][:window]
-        for w, s in zip(which, starts)])
+        for w, s in zip(which, starts, strict=True)])
     np.testing.assert_array_equal(np.concatenate([first, sampler.batch(1)[0]]), expected)
     # Another rank (or seed) gets another stream.
     other = WindowSampler(dataset, dataset.songs, window=window, target_length=100,
@@ -165,9 +164,13 @@ def test_checkpoints_are_atomic_plain_arrays_and_pruned(periodic_dataset, tmp_pa
     for path in Path(folder).iterdir():
         if path.suffix == ".h5":
             with h5py.File(path, "r") as handle:
-                kinds = []
-                handle.visititems(lambda _, item: kinds.append(item.dtype.kind)
-                                  if isinstance(item, h5py.Dataset) else None)
+                kinds: list[str] = []
+
+                def collect(_, item, kinds=kinds):
+                    if isinstance(item, h5py.Dataset):
+                        kinds.append(item.dtype.kind)
+
+                handle.visititems(collect)
                 assert kinds and set(kinds) <= set("biuf")
         assert b"\x80\x04\x95" not in path.read_bytes()  # the pickle protocol 4 opcode
     # The weights load into a fresh Keras model of the saved config.
