@@ -23,6 +23,7 @@ import numpy as np
 from rainforest import storage
 from rainforest.config import AudioConfig
 from rainforest.errors import DatasetFormatError, ParameterError
+from rainforest.kernels import cut_windows, random_window_starts, strided_window_starts
 
 MANIFEST_FORMAT = "rainforest-dataset"
 SHARD_FORMAT = "rainforest-shard"
@@ -294,9 +295,6 @@ class WindowSampler:
     def __init__(self, dataset: Dataset, songs: list[Song], *, window: int, target_length: int,
                  batch_size: int, seed: int, rank: int,
                  label_ids: dict[str, int] | None = None) -> None:
-        from rainforest.kernels import random_window_starts
-
-        self._random_window_starts = random_window_starts
         self.dataset = dataset
         self.songs = [s for s in songs if s.length >= window]
         if not self.songs:
@@ -321,14 +319,12 @@ class WindowSampler:
         epoch, within = divmod(int(step), self.steps_per_epoch)
         epoch_seed = _derive_seed(self.seed, self.rank, epoch)
         seed = (epoch_seed + within * self.batch_size * _GOLDEN) % 2**64
-        starts = self._random_window_starts(self.virtual_offsets, self.lengths,
+        starts = random_window_starts(self.virtual_offsets, self.lengths,
                                             window=self.window, count=self.batch_size, seed=seed)
         which = np.searchsorted(self.virtual_offsets, starts, side="right") - 1
         return self._cut(which, starts - self.virtual_offsets[which]), self.labels[which]
 
     def _cut(self, which: np.ndarray, local_starts: np.ndarray) -> np.ndarray:
-        from rainforest.kernels import cut_windows
-
         out = np.empty((which.shape[0], self.window), dtype=np.uint8)
         shards = np.array([self.songs[i].shard for i in which])
         for shard in np.unique(shards):
@@ -362,8 +358,6 @@ def validation_windows(dataset: Dataset, songs: list[Song], *, window: int, coun
     Non-overlapping windows through every held-out song, thinned evenly to at most ``count``,
     then dealt round-robin to the ranks.
     """
-    from rainforest.kernels import strided_window_starts
-
     usable = [s for s in songs if s.length >= window]
     if not usable:
         longest = max((s.length for s in songs), default=0)

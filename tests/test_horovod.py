@@ -70,7 +70,7 @@ def test_ranks_hold_identical_weights_after_training(launcher, tmp_path):
 
 @pytest.fixture(scope="module")
 def one_rank_step(tmp_path_factory):
-    (ranks) = _worker(None, "equivalence", tmp_path_factory.mktemp("single") / "out")
+    ranks = _worker(None, "equivalence", tmp_path_factory.mktemp("single") / "out")
     assert len(ranks) == 1 and int(ranks[0]["size"]) == 1
     return ranks[0]
 
