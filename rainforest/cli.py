@@ -184,12 +184,14 @@ def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
             print(f"\n{run} is already trained to step {step}; delete it to train again")
             return
         command.append("--resume")
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     if args.ranks > 1:
-        if not os.path.exists(horovodrun) and shutil.which("horovodrun") is None:
+        # Prefer the horovodrun beside this Python (the venv), then any on PATH.
+        beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        horovodrun = beside if os.path.exists(beside) else shutil.which("horovodrun")
+        if horovodrun is None:
             raise RainforestError("horovodrun is not installed; run scripts/install.sh")
-        command = [horovodrun if os.path.exists(horovodrun) else "horovodrun",
-                   "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", "--gloo", *command]
+        command = [horovodrun, "-np", str(args.ranks), "-H", f"localhost:{args.ranks}",
+                   "--gloo", *command]
     print(f"\ntraining: {' '.join(command)}", flush=True)
     if subprocess.run(command, check=False).returncode != 0:
         raise RainforestError(f"training failed; see the messages above (run folder {run})")

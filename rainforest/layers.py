@@ -6,15 +6,11 @@ TensorFlow. Like ``model``, this module never imports horovod.
 
 from __future__ import annotations
 
-import math
-
 import keras
 import tensorflow as tf
 from keras import ops
 
 from rainforest.model import ModelConfig, receptive_field
-
-LN2 = math.log(2.0)
 
 
 class ResidualBlock(keras.layers.Layer):
