@@ -111,6 +111,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rainforest.generate import GenerationConfig, generate
+
+    config = GenerationConfig(seconds=args.seconds, streams=args.streams,
+                              temperature=args.temperature, seed=args.seed, label=args.label,
+                              prime=args.prime, threads=args.threads)
+    summary = generate(args.run, args.out, config, progress=not args.no_progress)
+    if not summary["files"]:
+        print("nothing was generated, so nothing was written", file=sys.stderr)
+        return 130 if summary["interrupted"] else 1
+    state = "interrupted: kept" if summary["interrupted"] else "done:"
+    print(f"{state} {summary['streams']} x {summary['seconds_generated']:.2f} s at "
+          f"{summary['sample_rate']} Hz, {summary['samples_per_second']:,.0f} samples/s; "
+          f"wav + spectrogram PNG per stream in {args.out}")
+    return 0
+
+
 def format_summary(info: dict) -> str:
     lines = [
         f"dataset      {info['dataset']} (format version {info['format_version']})",
@@ -161,7 +178,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(format_summary(summary(out)))
     if args.train_steps:
-        _demo_train(out, os.path.join(args.out, "run"), args)
+        run = os.path.join(args.out, "run")
+        _demo_train(out, run, args)
+        if args.generate_seconds > 0:
+            from rainforest.generate import GenerationConfig, generate
+
+            generated = os.path.join(args.out, "generated")
+            print(f"\ngenerating 2 x {args.generate_seconds:g} s from {run} into {generated}")
+            summary = generate(run, generated, GenerationConfig(
+                seconds=args.generate_seconds, streams=2, seed=0, threads=2))
+            print(f"generated {', '.join(summary['files'])} "
+                  f"({summary['samples_per_second']:,.0f} samples/s)")
     return 0
 
 
@@ -282,6 +309,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(handler=cmd_train)
 
+    gen = commands.add_parser(
+        "generate", help="generate songs from a trained run",
+        description="Generate audio from the newest checkpoint of RUN with the fused Numba "
+                    "loop (no TensorFlow needed). Writes one 16-bit wav and one spectrogram "
+                    "PNG per stream into --out, plus generation.json with the settings. "
+                    "Ctrl-C stops early and keeps what was generated so far.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument("run", metavar="RUN", help="run folder (or one checkpoint folder)")
+    gen.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per stream")
+    gen.add_argument("--streams", type=int, default=1,
+                     help="independent songs generated at once (batched: far more samples/s)")
+    gen.add_argument("--temperature", type=float, default=1.0,
+                     help="softmax temperature: <1 safer, >1 wilder, 0 always the likeliest code")
+    gen.add_argument("--seed", type=int, default=0,
+                     help="random seed; each stream draws from its own generator")
+    gen.add_argument("--label", help="for a model trained with --condition: which label "
+                                     "(e.g. genre or artist) to generate")
+    gen.add_argument("--prime", metavar="FILE",
+                     help="a song to continue: decoded and encoded like the training data, "
+                          "its last receptive field primes every stream")
+    gen.add_argument("--threads", type=int, default=1,
+                     help="CPU threads; streams are shared among them")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(handler=cmd_generate)
+
     ins = commands.add_parser("inspect", help="summarise a dataset",
                               description="Songs, hours, sample rate, shards and their sizes, "
                                           "and the songs that failed with their reasons.")
@@ -293,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the pipeline end to end on real songs",
         description="Fetch real songs by Debian package name into the cache (or use --songs), "
                     "preprocess them on a local Dask cluster, and train a WaveNet on them "
-                    "with 2 Horovod ranks (horovodrun, Gloo, localhost). Re-running resumes.",
+                    "with 2 Horovod ranks (horovodrun, Gloo, localhost), then generate 2 songs "
+                    "from it. Re-running resumes.",
     )
     demo.add_argument("--songs", nargs="+", metavar="SRC",
                       help="your own songs (files, folders, URLs) instead of the Debian package")
@@ -308,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "localhost (1: a single process)")
     demo.add_argument("--train-config", default="default",
                       help="model config preset or JSON file for the demo training")
+    demo.add_argument("--generate-seconds", type=float, default=4.0,
+                      help="seconds of audio to generate per stream after training (0: none)")
     _add_audio_options(demo)
     demo.set_defaults(handler=cmd_demo)
     return parser

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from rainforest.model import ModelConfig, receptive_field
+from rainforest.model import ModelConfig, block_name, receptive_field
 
 
 class ResidualBlock(keras.layers.Layer):
@@ -73,7 +73,7 @@ class WaveNet(keras.Model):
         self.receptive_field = receptive_field(config)
         last = len(config.dilations) - 1
         self.blocks = [
-            ResidualBlock(config, d, has_residual=k != last, name=f"block{k:02d}")
+            ResidualBlock(config, d, has_residual=k != last, name=block_name(k))
             for k, d in enumerate(config.dilations)
         ]
 

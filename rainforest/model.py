@@ -150,6 +150,38 @@ def multiply_adds_per_sample(config: ModelConfig) -> int:
     return len(config.dilations) * per_block - last_block_has_no_residual + s * s + s * c
 
 
+def weight_layout(config: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """The network's weights as Keras creates them: for the model (key ``""``) and for each
+    block (``"block00"``, ...), the ordered ``(name, shape)`` list of its variables.
+
+    Keras' ``model.weights.h5`` stores each layer's variables by creation order only, so this
+    is what lets ``rainforest.generate`` read a checkpoint without TensorFlow.
+    ``tests/test_generate.py`` checks it against the Keras model itself.
+    """
+    r, g, s, c = (config.residual_channels, config.gate_channels, config.skip_channels,
+                  config.classes)
+    top = [("input_previous", (c, r)), ("input_current", (c, r)), ("input_bias", (r,))]
+    if config.conditioned:
+        top.append(("label_embedding", (len(config.labels), config.condition_channels)))
+    top += [("output1_kernel", (s, s)), ("output1_bias", (s,)),
+            ("output2_kernel", (s, c)), ("output2_bias", (c,))]
+    layout = {"": top}
+    last = len(config.dilations) - 1
+    for k in range(len(config.dilations)):
+        block = [("gate_kernel", (2, r, 2 * g)), ("gate_bias", (2 * g,))]
+        if config.conditioned:
+            block.append(("condition_kernel", (config.condition_channels, 2 * g)))
+        if k != last:
+            block += [("residual_kernel", (g, r)), ("residual_bias", (r,))]
+        block += [("skip_kernel", (g, s)), ("skip_bias", (s,))]
+        layout[block_name(k)] = block
+    return layout
+
+
+def block_name(index: int) -> str:
+    return f"block{index:02d}"
+
+
 def build_model(config: ModelConfig, *, seed: int = 0):
     """A ``keras.Model`` with its weights created; call it on ``codes`` or ``(codes, labels)``.
 

@@ -117,3 +117,43 @@ def cut_windows(codes, starts, window):
     if len(starts) == 0:
         return np.empty((0, window), dtype=codes.dtype)
     return np.stack([codes[int(s) : int(s) + window] for s in starts])
+
+
+def queue_wavenet_logits(weights, dilations, codes, *, label_id=None, dtype=np.float64):
+    """Fast-WaveNet by the book: one sample at a time, a deque of the last ``d`` inputs per
+    layer, one numpy call per product. ``weights`` are named as
+    ``rainforest.generate.read_weights`` returns them.
+
+    Feeds ``codes`` (1-D) from time 1 with zero-filled queues and returns the logits of every
+    time ``t >= receptive_field - 1`` (whose inputs all lie inside ``codes``), predicting
+    ``codes[t + 1]``: the same positions as the full forward pass.
+    """
+    from collections import deque
+
+    w = {name: np.asarray(array, dtype) for name, array in weights.items()}
+    residual = w["input_bias"].shape[0]
+    layers = len(dilations)
+    names = [f"block{k:02d}" for k in range(layers)]
+    queues = [deque([np.zeros(residual, dtype)] * d, maxlen=d) for d in dilations]
+    condition = None if label_id is None else w["label_embedding"][label_id]
+    receptive = 2 + sum(dilations)
+    out = []
+    for t in range(1, len(codes)):
+        x = w["input_previous"][codes[t - 1]] + w["input_current"][codes[t]] + w["input_bias"]
+        skip = 0
+        for k, name in enumerate(names):
+            past = queues[k][0]
+            queues[k].append(x)
+            kernel = w[f"{name}/gate_kernel"]
+            z = past @ kernel[0] + x @ kernel[1] + w[f"{name}/gate_bias"]
+            if condition is not None:
+                z = z + condition @ w[f"{name}/condition_kernel"]
+            gate = z.shape[0] // 2
+            gated = np.tanh(z[:gate]) / (1 + np.exp(-z[gate:]))
+            skip = skip + gated @ w[f"{name}/skip_kernel"] + w[f"{name}/skip_bias"]
+            if k + 1 < layers:
+                x = x + gated @ w[f"{name}/residual_kernel"] + w[f"{name}/residual_bias"]
+        if t >= receptive - 1:
+            head = np.maximum(np.maximum(skip, 0) @ w["output1_kernel"] + w["output1_bias"], 0)
+            out.append(head @ w["output2_kernel"] + w["output2_bias"])
+    return np.array(out)

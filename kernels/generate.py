@@ -1,0 +1,498 @@
+"""The fused WaveNet generation loop: T samples for B streams in one compiled call.
+
+"Fast WaveNet" (Paine et al., 2016, arXiv:1611.09482): a dilated layer only ever needs its own
+input from ``dilation`` steps ago, so each layer keeps its past inputs in a ring buffer of
+length ``dilation`` and one new sample costs O(layers), not O(receptive field). Here the whole
+recurrence (input lookup, every layer, output stack, softmax, sampling) runs in one ``@njit``
+function with no Python and no framework call per sample.
+
+Layout (all float32, C-contiguous; :mod:`rainforest.generate` exports it from a checkpoint):
+
+============================  ====================  ======================================
+array                         shape                 role
+============================  ====================  ======================================
+``input_previous/current``    (classes, R)          the kernel-2 input conv as two tables
+``input_bias``                (R,)
+``gate_kernel``               (L, 2R, 2G)           rows 0..R-1 read x[t-d], R..2R-1 x[t]
+``gate_bias``                 (B, L, 2G)            per stream: bias + label conditioning
+``residual_kernel``           (L, G, R)             row L-1 unused (the last block has none)
+``residual_bias``             (L, R)
+``skip_kernel``               (L, G, S)
+``skip_bias``                 (S,)                  the sum of every block's skip bias
+``output1_kernel, _bias``     (S, S), (S,)
+``output2_kernel, _bias``     (S, classes), (classes,)
+============================  ====================  ======================================
+
+The state a call advances in place: ``rings`` (B, sum(dilations), R) holding layer ``l``'s
+input at time ``tau`` in row ``ring_offsets[l] + tau % dilations[l]``; ``last_codes`` (B, 2),
+the codes at times t-1 and t; ``rng_states`` (B,) one splitmix64 state per stream. Step ``t``
+reads those, computes the logits of the code at ``t + 1`` and samples it.
+
+Matrix products are written row-times-vector with the output index innermost, so each weight
+row is read once per step for all B streams (a batched product) and the inner loop is a
+contiguous, vectorisable multiply-add. ``tanh`` and ``sigmoid`` use :func:`_exp32`, a
+polynomial exponential the compiler can vectorise (libm's ``expf`` is a scalar call).
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from rainforest.errors import ParameterError
+from rainforest.kernels._flags import JIT_OPTIONS
+
+# FMA contraction only; no reassociation, which would break _exp32's rounding trick and make
+# results depend on vector width.
+# error_model="numpy": a float division returns inf instead of checking for zero and raising,
+# a branch that stops the activation loops from vectorising.
+_GENERATE_OPTIONS = dict(JIT_OPTIONS, fastmath={"contract"}, error_model="numpy")
+
+#: ``x + 1.5 * 2**23 - 1.5 * 2**23`` rounds a float32 |x| < 2**22 to the nearest integer.
+_ROUNDER = np.float32(12582912.0)
+_LOG2E = np.float32(1.4426950408889634)
+# ln 2 split so that k * _LN2_HIGH is exact for |k| < 2**9 (Cody and Waite, 1980).
+_LN2_HIGH = np.float32(0.693359375)
+_LN2_LOW = np.float32(-2.12194440e-4)
+_EXP_MIN = np.float32(-87.0)
+_EXP_MAX = np.float32(88.0)
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+_TWO = np.float32(2.0)
+# Taylor coefficients 1/n!: on |r| <= ln(2)/2 the degree-7 remainder is below 6e-9.
+_C2, _C3, _C4 = np.float32(1 / 2), np.float32(1 / 6), np.float32(1 / 24)
+_C5, _C6, _C7 = np.float32(1 / 120), np.float32(1 / 720), np.float32(1 / 5040)
+
+
+@intrinsic
+def _power_of_two(typingctx, k):
+    """2**k for a float32 ``k`` holding an integer in [-126, 127], built from its bits."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        exponent = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(exponent, ir.Constant(i32, 23)), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _exp32(x):
+    """exp(x) in float32 to about 2 ulp, vectorisable; x is clamped to [-87, 88]."""
+    # Conditional expressions, not min/max: Numba's min/max do not vectorise.
+    x = _EXP_MIN if x < _EXP_MIN else x
+    x = _EXP_MAX if x > _EXP_MAX else x
+    k = (x * _LOG2E + _ROUNDER) - _ROUNDER
+    r = (x - k * _LN2_HIGH) - k * _LN2_LOW
+    p = _C6 + r * _C7
+    p = _C5 + r * p
+    p = _C4 + r * p
+    p = _C3 + r * p
+    p = _C2 + r * p
+    p = _ONE + r * p
+    p = _ONE + r * p
+    return p * _power_of_two(k)
+
+
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _sigmoid32(x):
+    return _ONE / (_ONE + _exp32(-x))
+
+
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _tanh32(x):
+    # 2 sigmoid(2x) - 1: absolute error ~1e-7, which is what the next matmul sees.
+    return _TWO * _sigmoid32(_TWO * x) - _ONE
+
+
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _splitmix_uniform(states, stream):
+    """The next uniform float64 in [0, 1) of a stream's splitmix64 generator (Steele 2014)."""
+    state = states[stream] + np.uint64(0x9E3779B97F4A7C15)
+    states[stream] = state
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(**_GENERATE_OPTIONS)
+def _sample(logits, temperature, states, stream, weights):
+    """Inverse-CDF sample of softmax(logits / temperature); argmax when temperature is 0."""
+    classes = logits.shape[0]
+    best = 0
+    top = logits[0]
+    for k in range(1, classes):
+        if logits[k] > top:
+            top = logits[k]
+            best = k
+    if temperature == 0.0:
+        return best
+    scale = np.float32(1.0 / temperature)
+    for k in range(classes):
+        weights[k] = _exp32((logits[k] - top) * scale)
+    total = 0.0
+    for k in range(classes):
+        total += weights[k]
+    target = _splitmix_uniform(states, stream) * total
+    running = 0.0
+    for k in range(classes):
+        running += weights[k]
+        if running > target and weights[k] > 0.0:
+            return k
+    return best  # only reached through rounding at the very top of the CDF
+
+
+@njit(**_GENERATE_OPTIONS)
+def _row_product(x, w, out):
+    """out (B, N) += x (B, K) @ w (K, N), one weight row at a time: the single-stream form.
+
+    Each row of ``w`` is read once and streamed through a contiguous multiply-add over N, so
+    the loop runs at the speed weights arrive from the caches (a matrix-vector product).
+    """
+    for i in range(w.shape[0]):
+        row = w[i]
+        for b in range(x.shape[0]):
+            value = x[b, i]
+            for j in range(w.shape[1]):
+                out[b, j] += value * row[j]
+
+
+# reassoc lets each dot product below run as vector partial sums; it is confined to this
+# function (LLVM keeps fast-math flags per instruction), so _exp32's rounding is unaffected.
+@njit(**dict(_GENERATE_OPTIONS, fastmath={"contract", "reassoc"}))
+def _block_product(x, w_t, out):
+    """out (B, N) += x (B, K) @ w_t.T for w_t (N, K): the batched form.
+
+    Blocks of 2 streams x 4 outputs keep 8 running dot products in registers, so every
+    loaded weight serves 2 streams and every loaded input 4 outputs.
+    """
+    streams, inner = x.shape
+    outputs = w_t.shape[0]
+    # Outputs outer: four weight rows stay in L1 while every pair of streams passes by.
+    for j in range(0, outputs - 3, 4):
+        w0, w1, w2, w3 = w_t[j], w_t[j + 1], w_t[j + 2], w_t[j + 3]
+        for b in range(0, streams - 1, 2):
+            x0, x1 = x[b], x[b + 1]
+            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.float32(0.0)
+            for i in range(inner):
+                u, v = x0[i], x1[i]
+                a0 += u * w0[i]
+                a1 += u * w1[i]
+                a2 += u * w2[i]
+                a3 += u * w3[i]
+                c0 += v * w0[i]
+                c1 += v * w1[i]
+                c2 += v * w2[i]
+                c3 += v * w3[i]
+            out[b, j] += a0
+            out[b, j + 1] += a1
+            out[b, j + 2] += a2
+            out[b, j + 3] += a3
+            out[b + 1, j] += c0
+            out[b + 1, j + 1] += c1
+            out[b + 1, j + 2] += c2
+            out[b + 1, j + 3] += c3
+    for j in range(outputs - outputs % 4, outputs):
+        for b in range(streams - streams % 2):
+            total = np.float32(0.0)
+            for i in range(inner):
+                total += x[b, i] * w_t[j, i]
+            out[b, j] += total
+    if streams % 2:
+        last = streams - 1
+        for j in range(outputs):
+            total = np.float32(0.0)
+            for i in range(inner):
+                total += x[last, i] * w_t[j, i]
+            out[last, j] += total
+
+
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _product(x, w, out, transposed):
+    if transposed:
+        _block_product(x, w, out)
+    else:
+        _row_product(x, w, out)
+
+
+@njit(**_GENERATE_OPTIONS)
+def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
+              residual_kernel, residual_bias, skip_kernel, skip_bias, output1_kernel,
+              output1_bias, output2_kernel, output2_bias, transposed, dilations, ring_offsets,
+              rings, last_codes, rng_states, position, temperature, forced, codes_out,
+              logits_out):
+    """The loop. With ``transposed`` every kernel comes as (N, K) for :func:`_block_product`
+    (``skip_kernel`` as (S, L*G)); otherwise (K, N) for :func:`_row_product` (``skip_kernel``
+    as (L*G, S)). ``gate_kernel``, ``residual_kernel`` carry a leading layer axis."""
+    streams, steps = codes_out.shape
+    layers = dilations.shape[0]
+    residual = rings.shape[2]
+    double_residual, gate = 2 * residual, residual_kernel.shape[2 if transposed else 1]
+    double_gate = 2 * gate
+    skip = skip_bias.shape[0]
+    classes = output2_bias.shape[0]
+    record_logits = logits_out.shape[0] > 0
+    taps = np.empty((streams, double_residual), np.float32)  # [x(t - d), x(t)] per stream
+    z = np.empty((streams, double_gate), np.float32)
+    gated = np.empty((streams, gate), np.float32)
+    gated_all = np.empty((streams, layers * gate), np.float32)  # for one skip product
+    delta = np.empty((streams, residual), np.float32)
+    skip_sum = np.empty((streams, skip), np.float32)
+    head = np.empty((streams, skip), np.float32)
+    logits = np.empty((streams, classes), np.float32)
+    weights = np.empty(classes, np.float32)
+
+    for step in range(steps):
+        t = position + step
+        for b in range(streams):
+            previous, current = last_codes[b, 0], last_codes[b, 1]
+            for i in range(residual):
+                taps[b, residual + i] = (input_previous[previous, i]
+                                         + input_current[current, i] + input_bias[i])
+
+        for layer in range(layers):
+            slot = ring_offsets[layer] + t % dilations[layer]
+            for b in range(streams):
+                for i in range(residual):
+                    taps[b, i] = rings[b, slot, i]
+                    rings[b, slot, i] = taps[b, residual + i]
+                for j in range(double_gate):
+                    z[b, j] = gate_bias[b, layer, j]
+            _product(taps, gate_kernel[layer], z, transposed)
+            first = layer * gate
+            for b in range(streams):
+                for k in range(gate):
+                    gated[b, k] = _tanh32(z[b, k]) * _sigmoid32(z[b, gate + k])
+                    gated_all[b, first + k] = gated[b, k]
+            if layer + 1 < layers:
+                # The next layer's x(t) = x(t) + residual; it goes where this one's was.
+                for b in range(streams):
+                    for i in range(residual):
+                        delta[b, i] = residual_bias[layer, i]
+                _product(gated, residual_kernel[layer], delta, transposed)
+                for b in range(streams):
+                    for i in range(residual):
+                        taps[b, residual + i] += delta[b, i]
+
+        # Skips of all layers in one product, then relu -> 1x1 -> relu -> 1x1.
+        for b in range(streams):
+            for j in range(skip):
+                skip_sum[b, j] = skip_bias[j]
+        _product(gated_all, skip_kernel, skip_sum, transposed)
+        for b in range(streams):
+            for j in range(skip):
+                skip_sum[b, j] = skip_sum[b, j] if skip_sum[b, j] > 0 else np.float32(0.0)
+                head[b, j] = output1_bias[j]
+        _product(skip_sum, output1_kernel, head, transposed)
+        for b in range(streams):
+            for j in range(skip):
+                head[b, j] = head[b, j] if head[b, j] > 0 else np.float32(0.0)
+            for j in range(classes):
+                logits[b, j] = output2_bias[j]
+        _product(head, output2_kernel, logits, transposed)
+
+        for b in range(streams):
+            if record_logits:
+                for j in range(classes):
+                    logits_out[step, b, j] = logits[b, j]
+            code = forced[b, step] if step < forced.shape[1] else -1
+            if code < 0:
+                code = _sample(logits[b], temperature, rng_states, b, weights)
+            codes_out[b, step] = code
+            last_codes[b, 0] = last_codes[b, 1]
+            last_codes[b, 1] = code
+
+
+#: The network arrays the loop reads, in :func:`_generate`'s argument order (after the two
+#: per-stream ones).
+NETWORK_ARRAYS = ("input_previous", "input_current", "input_bias", "gate_kernel",
+                  "residual_kernel", "residual_bias", "skip_kernel", "skip_bias",
+                  "output1_kernel", "output1_bias", "output2_kernel", "output2_bias")
+
+
+class FusedNetwork:
+    """A WaveNet's weights as the contiguous float32 arrays the fused loop reads.
+
+    Built by :func:`rainforest.generate.export_weights` from a checkpoint; see the module
+    docstring for the shapes. ``gate_bias`` (L, 2G) is the unconditioned gate bias and
+    ``condition`` (labels, L, 2G) the gate bias each label adds (empty without labels).
+    """
+
+    def __init__(self, *, dilations, gate_bias, condition, **arrays):
+        missing = set(NETWORK_ARRAYS) - set(arrays)
+        if missing or set(arrays) - set(NETWORK_ARRAYS):
+            raise ParameterError(f"FusedNetwork needs exactly {NETWORK_ARRAYS}; "
+                                 f"missing {sorted(missing)}")
+        for name, array in arrays.items():
+            setattr(self, name, np.ascontiguousarray(array, dtype=np.float32))
+        self.gate_bias = np.ascontiguousarray(gate_bias, dtype=np.float32)
+        self.condition = np.ascontiguousarray(condition, dtype=np.float32)
+        self.dilations = np.ascontiguousarray(dilations, dtype=np.int64)
+        self._transposed = None
+        self.ring_offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
+        self._check_shapes()
+
+    @property
+    def layers(self):
+        return self.gate_kernel.shape[0]
+
+    @property
+    def residual_channels(self):
+        return self.gate_kernel.shape[1] // 2
+
+    @property
+    def classes(self):
+        return self.output2_bias.shape[0]
+
+    @property
+    def receptive_field(self):
+        return 2 + int(self.dilations.sum())
+
+    def _check_shapes(self):
+        layers, double_residual, double_gate = self.gate_kernel.shape
+        residual = double_residual // 2
+        gate, skip, classes = double_gate // 2, self.skip_bias.shape[0], self.output2_bias.shape[0]
+        expected = {
+            "input_previous": (classes, residual), "input_current": (classes, residual),
+            "input_bias": (residual,), "gate_kernel": (layers, 2 * residual, 2 * gate),
+            "gate_bias": (layers, 2 * gate),
+            "residual_kernel": (layers, gate, residual), "residual_bias": (layers, residual),
+            "skip_kernel": (layers, gate, skip), "skip_bias": (skip,),
+            "output1_kernel": (skip, skip), "output1_bias": (skip,),
+            "output2_kernel": (skip, classes), "output2_bias": (classes,),
+            "dilations": (layers,),
+        }
+        for name, shape in expected.items():
+            if getattr(self, name).shape != shape:
+                raise ParameterError(
+                    f"{name} has shape {getattr(self, name).shape}, expected {shape}")
+        if double_gate % 2 or double_residual % 2 or layers < 1:
+            raise ParameterError(f"gate_kernel has shape {self.gate_kernel.shape}")
+        if self.condition.ndim != 3 or self.condition.shape[1:] != (layers, 2 * gate):
+            raise ParameterError(f"condition has shape {self.condition.shape}, "
+                                 f"expected (labels, {layers}, {2 * gate})")
+        if (self.dilations < 1).any():
+            raise ParameterError(f"dilations must be positive, got {self.dilations}")
+
+    #: The matrix arrays the loop multiplies by, as opposed to the biases and lookup tables.
+    KERNELS = ("gate_kernel", "residual_kernel", "skip_kernel", "output1_kernel",
+               "output2_kernel")
+
+    def row_kernels(self):
+        """Kernels as (K, N), the skip kernels of all layers stacked to (L*G, S)."""
+        kernels = {name: getattr(self, name) for name in self.KERNELS}
+        kernels["skip_kernel"] = self.skip_kernel.reshape(-1, self.skip_kernel.shape[2])
+        return kernels
+
+    def transposed_kernels(self):
+        """Kernels as contiguous (N, K) for the batched product; made once, then kept."""
+        if self._transposed is None:
+            self._transposed = {name: np.ascontiguousarray(np.swapaxes(kernel, -1, -2))
+                                for name, kernel in self.row_kernels().items()}
+        return self._transposed
+
+    @property
+    def nbytes(self):
+        """Bytes of weights one generated sample reads (the input tables: two rows only)."""
+        read = sum(getattr(self, name).nbytes for name in NETWORK_ARRAYS
+                   if not name.startswith("input_"))
+        return read - self.residual_kernel[-1].nbytes - self.residual_bias[-1].nbytes
+
+
+class StreamState:
+    """Where B streams stand: the per-layer rings, the last two codes, the generators.
+
+    ``position`` is the time index of the next step; ring row ``ring_offsets[l] + tau % d``
+    holds layer ``l``'s input at time ``tau``, for the ``d`` times before ``position``.
+    ``gate_bias`` (B, L, 2G) is each stream's gate bias, label conditioning included.
+    """
+
+    def __init__(self, rings, last_codes, rng_states, gate_bias, position):
+        # Own copies: the loop writes the state, and a caller's prime must stay untouched.
+        self.rings = np.array(rings, dtype=np.float32, order="C")
+        self.last_codes = np.array(last_codes, dtype=np.int64, order="C")
+        self.rng_states = np.array(rng_states, dtype=np.uint64, order="C")
+        self.gate_bias = np.array(gate_bias, dtype=np.float32, order="C")
+        self.position = int(position)
+
+    @property
+    def streams(self):
+        return self.rings.shape[0]
+
+    def copy(self):
+        return StreamState(self.rings.copy(), self.last_codes.copy(), self.rng_states.copy(),
+                           self.gate_bias.copy(), self.position)
+
+
+def generate_codes(network, state, steps, *, temperature=1.0, forced=None,
+                   record_logits=False):
+    """Advance ``state`` by ``steps`` samples per stream with the fused loop.
+
+    Parameters
+    ----------
+    network : FusedNetwork
+    state : StreamState
+        Updated in place, so calls can be chained (and interrupted between calls).
+    steps : int
+    temperature : float
+        Softmax temperature; 0 picks the most likely code (the argmax path).
+    forced : int array (B, n), optional
+        Teacher forcing: where ``forced[b, i] >= 0`` step ``i`` of stream ``b`` takes that code
+        instead of sampling (the generator does not advance). Used to check the loop against
+        the full forward pass and to prime one sample at a time.
+    record_logits : bool
+        Also return the (steps, B, classes) logits that each code was drawn from.
+
+    Returns
+    -------
+    codes : uint8 array (B, steps), and ``logits`` when ``record_logits``.
+
+    Examples
+    --------
+    >>> codes = generate_codes(network, state, 16000, temperature=0.9)  # doctest: +SKIP
+    """
+    if not isinstance(network, FusedNetwork) or not isinstance(state, StreamState):
+        raise ParameterError("generate_codes needs a FusedNetwork and a StreamState")
+    steps = int(steps)
+    if steps < 0:
+        raise ParameterError(f"steps must be >= 0, got {steps}")
+    temperature = float(temperature)
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ParameterError(f"temperature must be a finite number >= 0, got {temperature}")
+    streams = state.streams
+    expected_rings = (streams, int(network.dilations.sum()), network.residual_channels)
+    if state.rings.shape != expected_rings:
+        raise ParameterError(f"state rings have shape {state.rings.shape}, this network "
+                             f"needs {expected_rings}")
+    if state.last_codes.shape != (streams, 2) or state.rng_states.shape != (streams,):
+        raise ParameterError("state last_codes must be (B, 2) and rng_states (B,)")
+    if state.gate_bias.shape != (streams,) + network.gate_bias.shape:
+        raise ParameterError(f"state gate_bias has shape {state.gate_bias.shape}, expected "
+                             f"{(streams,) + network.gate_bias.shape}")
+    if state.last_codes.min() < 0 or state.last_codes.max() >= network.classes:
+        raise ParameterError(f"state codes must lie in 0..{network.classes - 1}")
+    if forced is None:
+        forced = np.empty((streams, 0), np.int64)
+    forced = np.ascontiguousarray(forced, dtype=np.int64)
+    if forced.ndim != 2 or forced.shape[0] != streams or forced.shape[1] > steps:
+        raise ParameterError(f"forced must be (B={streams}, n <= steps={steps}), "
+                             f"got {forced.shape}")
+    if forced.size and forced.max() >= network.classes:
+        raise ParameterError(f"forced codes must be < {network.classes}")
+    codes = np.empty((streams, steps), np.uint8)
+    logits = np.empty((steps if record_logits else 0, streams, network.classes), np.float32)
+    if steps:
+        transposed = streams > 1
+        kernels = network.transposed_kernels() if transposed else network.row_kernels()
+        _generate(network.input_previous, network.input_current, network.input_bias,
+                  kernels["gate_kernel"], state.gate_bias, kernels["residual_kernel"],
+                  network.residual_bias, kernels["skip_kernel"], network.skip_bias,
+                  kernels["output1_kernel"], network.output1_bias, kernels["output2_kernel"],
+                  network.output2_bias, transposed, network.dilations, network.ring_offsets,
+                  state.rings, state.last_codes, state.rng_states, state.position,
+                  temperature, forced, codes, logits)
+    state.position += steps
+    return (codes, logits) if record_logits else codes
+

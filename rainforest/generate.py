@@ -1,0 +1,438 @@
+"""Stage 4: generate audio from a checkpoint with the fused loop of ``rainforest.kernels``.
+
+The steps:
+
+1. :func:`export_weights` reads a checkpoint's ``config.json`` and ``model.weights.h5`` with
+   h5py alone (no TensorFlow: generation machines may not have it) and lays the weights out
+   as the float32 arrays of :class:`~rainforest.kernels.generate.FusedNetwork`. Shapes come
+   from the checkpoint's own model config (:func:`rainforest.model.weight_layout`).
+2. :func:`prime_state` fills every layer's ring buffer from one batched numpy forward pass
+   over the last receptive field of the prime (silence when there is none).
+3. :func:`generate` runs the loop in chunks of about a tenth of a second of audio, so a
+   progress bar can move and Ctrl-C keeps every finished chunk, then writes one 16-bit wav
+   and one spectrogram PNG per stream, and ``generation.json`` with the settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rainforest import checkpoint, storage
+from rainforest.config import AudioConfig, from_dict
+from rainforest.errors import AudioDecodeError, CheckpointError, ParameterError
+from rainforest.kernels import (
+    mulaw_decode,
+    mulaw_encode,
+    peak_amplitude,
+    relative_threshold,
+    trim_bounds,
+)
+from rainforest.kernels.generate import FusedNetwork, StreamState, generate_codes
+from rainforest.model import ModelConfig, block_name, weight_layout
+
+
+def silence_code(classes: int) -> int:
+    """The code of 0.0, the input before any audio: 128 for 8-bit mu-law, whose codes 127 and
+    128 straddle zero (``floor(mu / 2 + 0.5)`` with ``mu = classes - 1``)."""
+    return classes // 2
+
+
+#: Audio generated per kernel call: short enough for a live progress bar and a prompt Ctrl-C.
+CHUNK_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """The settings of one ``rainforest generate`` call, saved as ``generation.json``."""
+
+    seconds: float = 4.0
+    streams: int = 1
+    temperature: float = 1.0
+    seed: int = 0
+    label: str | None = None
+    prime: str | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise ParameterError(f"--seconds must be a positive number, got {self.seconds}")
+        if self.streams < 1:
+            raise ParameterError(f"--streams must be >= 1, got {self.streams}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ParameterError(
+                f"--temperature must be >= 0 (0 = always the most likely code), "
+                f"got {self.temperature}")
+        if self.threads < 1:
+            raise ParameterError(f"--threads must be >= 1, got {self.threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        return from_dict(cls, data)
+
+
+@dataclass
+class Checkpoint:
+    """What generation needs from a checkpoint."""
+
+    folder: str
+    step: int
+    model: ModelConfig
+    audio: AudioConfig
+    network: FusedNetwork
+
+
+def _keras_variable_groups(handle) -> dict[str, Any]:
+    """Map ``""`` (the model) and ``"block00"``... to the h5 groups of their variables."""
+    groups: dict[str, Any] = {}
+
+    def visit(path, obj):
+        if path.endswith("vars") and hasattr(obj, "keys"):
+            key = "" if path == "vars" else str(obj.attrs.get("name", path))
+            groups[key] = obj
+
+    handle.visititems(visit)
+    if "vars" in handle:
+        groups[""] = handle["vars"]
+    return groups
+
+
+def read_weights(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Every weight of ``config``'s network from a Keras ``model.weights.h5``, as float32.
+
+    Keys are ``"input_bias"``, ``"block03/gate_kernel"`` and so on.
+    """
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise CheckpointError(f"{path} is not a readable HDF5 file ({error})") from None
+    with handle:
+        groups = _keras_variable_groups(handle)
+        weights = {}
+        for owner, entries in weight_layout(config).items():
+            if owner not in groups:
+                raise CheckpointError(
+                    f"{path} has no weights for {owner or 'the model'}: it does not belong to "
+                    f"the model config saved next to it")
+            group = groups[owner]
+            if len(group) != len(entries):
+                raise CheckpointError(
+                    f"{path}: {owner or 'the model'} has {len(group)} variables, the config "
+                    f"implies {len(entries)}")
+            for index, (name, shape) in enumerate(entries):
+                data = group[str(index)]
+                if data.dtype.kind != "f" or tuple(data.shape) != shape:
+                    raise CheckpointError(
+                        f"{path}: {owner}/{name} is {data.dtype}{tuple(data.shape)}, the "
+                        f"checkpoint's config implies float{shape}")
+                weights[f"{owner}/{name}" if owner else name] = np.asarray(data, np.float32)
+    return weights
+
+
+def fuse(weights: dict[str, np.ndarray], config: ModelConfig) -> FusedNetwork:
+    """Lay out named weights (as :func:`read_weights` returns them) for the fused loop."""
+    layers = len(config.dilations)
+    g, r = config.gate_channels, config.residual_channels
+    blocks = [block_name(k) for k in range(layers)]
+    gate_kernels = np.stack([weights[f"{b}/gate_kernel"] for b in blocks])
+    residual_kernel = np.zeros((layers, g, r), np.float32)
+    residual_bias = np.zeros((layers, r), np.float32)
+    for k, b in enumerate(blocks[:-1]):
+        residual_kernel[k] = weights[f"{b}/residual_kernel"]
+        residual_bias[k] = weights[f"{b}/residual_bias"]
+    if config.conditioned:
+        # Each label's embedding through each block's condition kernel: a constant gate bias.
+        condition = np.stack([weights["label_embedding"] @ weights[f"{b}/condition_kernel"]
+                              for b in blocks], axis=1)
+    else:
+        condition = np.zeros((0, layers, 2 * g), np.float32)
+    return FusedNetwork(
+        dilations=config.dilations,
+        input_previous=weights["input_previous"], input_current=weights["input_current"],
+        input_bias=weights["input_bias"],
+        gate_kernel=gate_kernels.reshape(layers, 2 * r, 2 * g),
+        gate_bias=np.stack([weights[f"{b}/gate_bias"] for b in blocks]),
+        condition=condition,
+        residual_kernel=residual_kernel, residual_bias=residual_bias,
+        skip_kernel=np.stack([weights[f"{b}/skip_kernel"] for b in blocks]),
+        skip_bias=np.sum([weights[f"{b}/skip_bias"] for b in blocks], axis=0),
+        output1_kernel=weights["output1_kernel"], output1_bias=weights["output1_bias"],
+        output2_kernel=weights["output2_kernel"], output2_bias=weights["output2_bias"],
+    )
+
+
+def export_weights(run: str) -> Checkpoint:
+    """The newest checkpoint of ``run`` (or the checkpoint folder ``run``), fused for the loop.
+
+    Raises
+    ------
+    CheckpointError
+        If there is no checkpoint, its config is missing or damaged, a file fails its sha256,
+        or the weights do not match the config.
+    """
+    folder = checkpoint.latest(run)
+    document = checkpoint.read_config(folder)
+    checkpoint.verify(folder, document)
+    try:
+        model = ModelConfig.from_dict(document["model"])
+        audio = AudioConfig.from_dict(document["audio"])
+    except (KeyError, TypeError, ParameterError) as error:
+        raise CheckpointError(f"{folder}/config.json has no usable model/audio config: "
+                              f"{error}") from None
+    weights = read_weights(os.path.join(folder, checkpoint.WEIGHTS_NAME), model)
+    return Checkpoint(folder, int(document["step"]), model, audio, fuse(weights, model))
+
+
+def stream_gate_bias(network: FusedNetwork, label_ids) -> np.ndarray:
+    """Per-stream gate bias (B, L, 2G): the block biases plus each stream's label term."""
+    label_ids = np.asarray(label_ids, dtype=np.int64)
+    bias = np.broadcast_to(network.gate_bias, (label_ids.shape[0],) + network.gate_bias.shape)
+    if network.condition.shape[0]:
+        if label_ids.min() < 0 or label_ids.max() >= network.condition.shape[0]:
+            raise ParameterError(f"label ids must lie in 0..{network.condition.shape[0] - 1}")
+        return bias + network.condition[label_ids]
+    return bias.copy()
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _block(network: FusedNetwork, layer: int, hidden, gate_bias):
+    """One block over whole sequences (B, n, R): the gated output and next hidden (n - d)."""
+    d = network.dilations[layer]
+    gate, residual = network.gate_kernel.shape[2] // 2, network.residual_channels
+    past, current = hidden[:, :-d], hidden[:, d:]
+    kernel = network.gate_kernel[layer]
+    z = past @ kernel[:residual] + current @ kernel[residual:] + gate_bias[:, None, layer]
+    gated = np.tanh(z[..., :gate]) * _sigmoid(z[..., gate:])
+    following = (current + gated @ network.residual_kernel[layer]
+                 + network.residual_bias[layer])
+    return gated, following
+
+
+def forward_logits(network: FusedNetwork, codes, gate_bias) -> np.ndarray:
+    """The full (teacher-forced) forward pass in numpy float32: (B, n - RF + 1, classes).
+
+    The same arithmetic as the Keras model, for machines without TensorFlow.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    rf = network.receptive_field
+    hidden = (network.input_previous[codes[:, :-1]] + network.input_current[codes[:, 1:]]
+              + network.input_bias)
+    targets = codes.shape[1] - rf + 1
+    skip = np.zeros((codes.shape[0], targets, network.skip_bias.shape[0]), np.float32)
+    for layer in range(network.layers):
+        gated, hidden = _block(network, layer, hidden, gate_bias)
+        skip += gated[:, -targets:] @ network.skip_kernel[layer]
+    head = np.maximum(skip + network.skip_bias, 0)
+    head = np.maximum(head @ network.output1_kernel + network.output1_bias, 0)
+    return head @ network.output2_kernel + network.output2_bias
+
+
+def prime_state(network: FusedNetwork, codes, *, gate_bias, seeds) -> StreamState:
+    """The loop's state after reading ``codes`` (B, n): one batched forward pass.
+
+    Only the last receptive field of ``codes`` matters; shorter primes are padded on the left
+    with silence, so an empty prime is the state after a receptive field of silence. The next
+    step reads the last two codes and predicts the code after them.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.ndim != 2:
+        raise ParameterError(f"prime codes must be (streams, length), got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= network.classes):
+        raise ParameterError(f"prime codes must lie in 0..{network.classes - 1}")
+    streams = codes.shape[0]
+    rf = network.receptive_field
+    if codes.shape[1] < rf:
+        pad = np.full((streams, rf - codes.shape[1]), silence_code(network.classes), np.int64)
+        codes = np.concatenate([pad, codes], axis=1)
+    window = codes[:, -rf:]
+    # Window time tau: the input layer's output at tau reads codes tau-1 and tau; the next step
+    # is tau = rf - 1, so every layer needs its input at times rf-1-d .. rf-2.
+    position = rf - 1
+    hidden = (network.input_previous[window[:, :-2]] + network.input_current[window[:, 1:-1]]
+              + network.input_bias)
+    times = np.arange(1, rf - 1)
+    rings = np.empty((streams, int(network.dilations.sum()), network.residual_channels),
+                     np.float32)
+    for layer in range(network.layers):
+        d = int(network.dilations[layer])
+        rows = network.ring_offsets[layer] + times[-d:] % d
+        rings[:, rows] = hidden[:, -d:]
+        if layer + 1 < network.layers:
+            _, hidden = _block(network, layer, hidden, gate_bias)
+            times = times[d:]
+    rng_states = np.array([np.random.SeedSequence(int(seed)).generate_state(1, np.uint64)[0]
+                           for seed in seeds], dtype=np.uint64)
+    return StreamState(rings, window[:, -2:], rng_states, gate_bias, position)
+
+
+def stream_seeds(seed: int, streams: int) -> list[int]:
+    """Independent per-stream seeds derived from one ``--seed``."""
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(streams, np.uint64)]
+
+
+def prime_codes(path: str, audio: AudioConfig, receptive: int) -> np.ndarray:
+    """The last receptive field of a prime song's codes, preprocessed like training data."""
+    from rainforest.audio import decode_mono
+
+    if not os.path.exists(path):
+        raise ParameterError(f"--prime {path} does not exist")
+    try:
+        samples = decode_mono(path, sample_rate=audio.sample_rate,
+                              quality=audio.resample_quality)
+    except AudioDecodeError as error:
+        raise ParameterError(f"--prime {path} cannot be decoded: {error}") from None
+    codes = mulaw_encode(samples)
+    peak = peak_amplitude(codes)
+    start, stop = trim_bounds(codes, threshold=relative_threshold(peak, audio.trim_db))
+    if stop - start < 2:
+        raise ParameterError(f"--prime {path} holds no audible audio to continue from")
+    return codes[max(start, stop - receptive):stop]
+
+
+def _run_chunk(network, states, steps, temperature, outputs, done):
+    """Advance every thread's share of streams by ``steps``, in parallel (nogil kernel)."""
+    def work(index):
+        outputs[index].append(generate_codes(network, states[index], steps,
+                                             temperature=temperature))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(1, len(states))]
+    for thread in threads:
+        thread.start()
+    try:
+        work(0)
+    finally:  # also on Ctrl-C: no thread may still write a state when the caller reads it
+        for thread in threads:
+            thread.join()
+    return done + steps
+
+
+def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool = True
+                  ) -> list[str]:
+    """One 16-bit wav (and spectrogram PNG) per stream, each written to a temporary name and
+    renamed."""
+    import soundfile
+
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    for stream, stream_codes in enumerate(codes):
+        path = os.path.join(out, f"stream-{stream:03d}.wav")
+        staging = os.path.join(out, f"{storage.TEMP_MARKER}stream-{stream:03d}.wav")
+        samples = mulaw_decode(stream_codes)
+        soundfile.write(staging, samples, audio.sample_rate, subtype="PCM_16", format="WAV")
+        os.replace(staging, path)
+        paths.append(path)
+        if plot and samples.shape[0] >= 256:
+            _spectrogram(samples, audio.sample_rate, path[:-4] + ".png")
+    return paths
+
+
+def _spectrogram(samples: np.ndarray, rate: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 3.5), dpi=100)
+    axis.specgram(samples, NFFT=512, Fs=rate, noverlap=384, cmap="magma")
+    axis.set_xlabel("time (s)")
+    axis.set_ylabel("frequency (Hz)")
+    axis.set_title(os.path.basename(path)[:-4])
+    figure.tight_layout()
+    staging = os.path.join(os.path.dirname(path), storage.TEMP_MARKER + os.path.basename(path))
+    figure.savefig(staging, format="png")
+    plt.close(figure)
+    os.replace(staging, path)
+
+
+def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = True,
+             log=print) -> dict[str, Any]:
+    """Generate ``config.streams`` songs of ``config.seconds`` from the newest checkpoint.
+
+    Ctrl-C stops after the current chunk (a tenth of a second of audio) and still writes
+    what was generated. Returns a summary (paths, samples, samples per second, interrupted).
+    """
+    source = export_weights(run)
+    model, audio, network = source.model, source.audio, source.network
+    streams = config.streams
+    if model.conditioned:
+        if config.label is None:
+            raise ParameterError(
+                f"this model is conditioned on labels; pass --label with one of: "
+                f"{', '.join(model.labels)}")
+        if config.label not in model.labels:
+            raise ParameterError(
+                f"unknown --label {config.label!r}; this model knows: {', '.join(model.labels)}")
+        label_ids = [model.labels.index(config.label)] * streams
+    else:
+        if config.label is not None:
+            raise ParameterError(
+                f"--label {config.label!r} given, but this model was trained without labels")
+        label_ids = [0] * streams
+    rf = network.receptive_field
+    if config.prime:
+        prime = prime_codes(config.prime, audio, rf)
+        prime = np.broadcast_to(prime, (streams, prime.shape[0]))
+    else:
+        prime = np.empty((streams, 0), np.int64)
+    state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
+                        seeds=stream_seeds(config.seed, streams))
+    total = int(round(config.seconds * audio.sample_rate))
+    threads = min(config.threads, streams)
+    shares = np.array_split(np.arange(streams), threads)
+    states = [StreamState(state.rings[s], state.last_codes[s], state.rng_states[s],
+                          state.gate_bias[s], state.position) for s in shares]
+    outputs: list[list[np.ndarray]] = [[] for _ in shares]
+    chunk = max(1, int(CHUNK_SECONDS * audio.sample_rate))
+    log(f"generating {streams} x {config.seconds:g} s at {audio.sample_rate} Hz from "
+        f"{source.folder} (step {source.step}, receptive field {rf} codes)")
+    done, interrupted = 0, False
+    started = time.perf_counter()
+    from tqdm import tqdm
+
+    # Counted in samples, shown in seconds of audio (unit_scale multiplies for display).
+    with tqdm(total=total, unit_scale=1.0 / audio.sample_rate, disable=not progress,
+              dynamic_ncols=True, desc="generating",
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio "
+                         "[{elapsed}<{remaining}]") as bar:
+        try:
+            while done < total:
+                steps = min(chunk, total - done)
+                done = _run_chunk(network, states, steps, config.temperature, outputs, done)
+                bar.update(steps)
+        except KeyboardInterrupt:
+            interrupted = True
+            done = min(sum(c.shape[1] for c in part) for part in outputs)
+            log(f"interrupted: keeping the {done / audio.sample_rate:.2f} s generated so far")
+    elapsed = time.perf_counter() - started
+    codes = np.concatenate([np.concatenate(part, axis=1)[:, :done] if part
+                            else np.empty((len(s), 0), np.uint8)
+                            for part, s in zip(outputs, shares, strict=True)], axis=0)
+    paths = write_outputs(codes, audio, out) if done else []
+    summary = {
+        "checkpoint": source.folder, "step": source.step, "settings": config.to_dict(),
+        "sample_rate": audio.sample_rate, "samples": int(done), "streams": streams,
+        "seconds_generated": done / audio.sample_rate, "interrupted": interrupted,
+        "wall_seconds": round(elapsed, 3),
+        "samples_per_second": round(done * streams / elapsed, 1) if elapsed > 0 else None,
+        "files": [os.path.basename(p) for p in paths],
+    }
+    if paths:
+        storage.write_bytes_atomic(os.path.join(out, "generation.json"),
+                                   json.dumps(summary, indent=2).encode() + b"\n")
+    return summary
