@@ -1,0 +1,251 @@
+"""Generation speed of the fused loop against its alternatives, on the "medium" config.
+
+Run with ``python benchmarks/generate.py [--rounds N]``. Every round times, side by side so
+that machine noise hits all alike (the medians over rounds are printed):
+
+* fused, 1 stream, 1 core:   ``generate_codes`` (the single-stream row-product path);
+* fused, B = 8 and 32, 1 core: one call, the batched block-product path;
+* fused, B = 32, all cores:  the streams shared among one thread per core (nogil kernel),
+  as ``rainforest generate --threads`` does;
+* naive:  the full Keras model over the last receptive field for every sample (the approach
+  generation replaces; ``tf.function`` compiled, so it is the fast version of it);
+* queue:  a straightforward fast-WaveNet in numpy: per-layer queues, one numpy call per
+  product per layer per sample (Paine et al. 2016, the algorithm without fusion);
+* limits: the FLOP limit (2 x multiply-adds per sample over the GFLOP/s of a large float32
+  numpy matmul, all cores) and the bandwidth bound (bytes of weights per sample over the rate
+  one core reads a weight-sized array from its caches).
+
+The weights are random (scaled like Glorot initialisation); speed does not depend on their
+values. Targets (issue 4): >= 16,000 samples/s single stream; >= 100x naive; >= 10x the
+single-stream throughput at B = 32.
+"""
+
+import argparse
+import os
+import platform
+import threading
+import time
+from collections import deque
+
+import numpy as np
+from numba import njit
+
+from rainforest.generate import fuse, prime_state, stream_gate_bias, stream_seeds
+from rainforest.kernels.generate import StreamState, generate_codes
+from rainforest.model import PRESETS, multiply_adds_per_sample, weight_layout
+
+
+def random_weights(config, seed=0):
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for owner, entries in weight_layout(config).items():
+        for name, shape in entries:
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
+            scale = 0.1 if len(shape) == 1 else 1.0 / np.sqrt(fan_in)
+            key = f"{owner}/{name}" if owner else name
+            weights[key] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return weights
+
+
+def fresh_state(network, streams, seed=0):
+    return prime_state(network, np.empty((streams, 0)),
+                       gate_bias=stream_gate_bias(network, [0] * streams),
+                       seeds=stream_seeds(seed, streams))
+
+
+def fused_rate(network, streams, samples):
+    """Samples per second (all streams together) of one fused call."""
+    state = fresh_state(network, streams)
+    started = time.perf_counter()
+    generate_codes(network, state, samples)
+    return streams * samples / (time.perf_counter() - started)
+
+
+def fused_threads_rate(network, streams, samples, threads):
+    """The streams shared among ``threads`` threads running the nogil kernel at once."""
+    state = fresh_state(network, streams)
+    shares = np.array_split(np.arange(streams), threads)
+    states = [StreamState(state.rings[s], state.last_codes[s], state.rng_states[s],
+                          state.gate_bias[s], state.position) for s in shares]
+    workers = [threading.Thread(target=generate_codes, args=(network, s, samples))
+               for s in states]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return streams * samples / (time.perf_counter() - started)
+
+
+class QueueWaveNet:
+    """Fast WaveNet, straightforwardly in numpy: a deque per layer, one call per product."""
+
+    def __init__(self, weights, config, seed=0):
+        self.w = weights
+        self.config = config
+        self.names = [f"block{k:02d}" for k in range(len(config.dilations))]
+        r = config.residual_channels
+        self.queues = [deque([np.zeros(r, np.float32)] * d, maxlen=d) for d in config.dilations]
+        self.codes = [config.classes // 2, config.classes // 2]
+        self.rng = np.random.default_rng(seed)
+
+    def step(self):
+        w = self.w
+        x = (w["input_previous"][self.codes[0]] + w["input_current"][self.codes[1]]
+             + w["input_bias"])
+        skip = np.zeros(self.config.skip_channels, np.float32)
+        last = len(self.names) - 1
+        for k, name in enumerate(self.names):
+            past = self.queues[k][0]
+            self.queues[k].append(x)
+            kernel = w[f"{name}/gate_kernel"]
+            z = past @ kernel[0] + x @ kernel[1] + w[f"{name}/gate_bias"]
+            half = z.shape[0] // 2
+            gated = np.tanh(z[:half]) / (1 + np.exp(-z[half:]))
+            skip += gated @ w[f"{name}/skip_kernel"] + w[f"{name}/skip_bias"]
+            if k != last:
+                x = x + gated @ w[f"{name}/residual_kernel"] + w[f"{name}/residual_bias"]
+        head = np.maximum(np.maximum(skip, 0) @ w["output1_kernel"] + w["output1_bias"], 0)
+        logits = head @ w["output2_kernel"] + w["output2_bias"]
+        p = np.exp(logits - logits.max())
+        code = int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum()))
+        self.codes = [self.codes[1], min(code, self.config.classes - 1)]
+
+
+def queue_rate(weights, config, samples):
+    generator = QueueWaveNet(weights, config)
+    started = time.perf_counter()
+    for _ in range(samples):
+        generator.step()
+    return samples / (time.perf_counter() - started)
+
+
+class NaiveKeras:
+    """The whole network over the last receptive field for every new sample."""
+
+    def __init__(self, weights, config):
+        import tensorflow as tf
+
+        from rainforest.model import build_model
+
+        self.model = build_model(config)
+        by_name = {v.path.removeprefix(self.model.name + "/"): v for v in self.model.weights}
+        for name, array in weights.items():
+            by_name[name].assign(array)
+        self.forward = tf.function(lambda codes: self.model(codes)[0, -1])
+        self.window = np.full((1, 2 + sum(config.dilations)), config.classes // 2, np.int32)
+        self.rng = np.random.default_rng(0)
+        self.forward(self.window)  # trace once
+
+    def step(self):
+        logits = self.forward(self.window).numpy().astype(np.float64)
+        p = np.exp(logits - logits.max())
+        code = int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum()))
+        self.window = np.roll(self.window, -1, axis=1)
+        self.window[0, -1] = min(code, logits.shape[0] - 1)
+
+
+def naive_rate(naive, samples):
+    started = time.perf_counter()
+    for _ in range(samples):
+        naive.step()
+    return samples / (time.perf_counter() - started)
+
+
+def matmul_gflops(size=2048):
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    b = a.T.copy()
+    a @ b
+    started = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * size**3 / (time.perf_counter() - started) / 1e9
+
+
+@njit(fastmath=True, nogil=True)
+def _read_all(data, repeats):
+    total = np.float32(0.0)
+    for _ in range(repeats):
+        for i in range(data.shape[0]):
+            total += data[i]
+    return total
+
+
+def read_bandwidth(nbytes, repeats=200):
+    """GB/s at which one core reads an array of ``nbytes`` over and over (cache-resident
+    as far as it fits, like the weights in the loop)."""
+    data = np.ones(nbytes // 4, np.float32)
+    _read_all(data, 1)
+    started = time.perf_counter()
+    _read_all(data, repeats)
+    return nbytes * repeats / (time.perf_counter() - started) / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=8000,
+                        help="samples per stream for the single-stream fused runs")
+    parser.add_argument("--no-keras", action="store_true",
+                        help="skip the naive Keras baseline (no TensorFlow on this machine)")
+    args = parser.parse_args()
+
+    config = PRESETS["medium"]
+    weights = random_weights(config)
+    network = fuse(weights, config)
+    cores = os.cpu_count() or 1
+    flops = 2 * multiply_adds_per_sample(config)
+    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores; "
+          f"config medium: {len(config.dilations)} layers, receptive field "
+          f"{network.receptive_field}, {flops / 1e6:.3f} MFLOP and "
+          f"{network.nbytes / 1e6:.2f} MB of weights per sample")
+    # Compile every path once, outside the timing.
+    for streams in (1, 8, 32):
+        generate_codes(network, fresh_state(network, streams), 4)
+    naive = None if args.no_keras else NaiveKeras(weights, config)
+
+    runs = {name: [] for name in ("fused B=1 1 core", "fused B=8 1 core", "fused B=32 1 core",
+                                  f"fused B=32 {cores} cores", "queue numpy B=1",
+                                  "naive keras B=1", "matmul GFLOP/s", "read GB/s")}
+    for round_ in range(args.rounds):
+        runs["fused B=1 1 core"].append(fused_rate(network, 1, args.samples))
+        runs["fused B=8 1 core"].append(fused_rate(network, 8, args.samples // 8))
+        runs["fused B=32 1 core"].append(fused_rate(network, 32, args.samples // 16))
+        runs[f"fused B=32 {cores} cores"].append(
+            fused_threads_rate(network, 32, args.samples // 16, cores))
+        runs["queue numpy B=1"].append(queue_rate(weights, config, 300))
+        if naive is not None:
+            runs["naive keras B=1"].append(naive_rate(naive, 20))
+        runs["matmul GFLOP/s"].append(matmul_gflops())
+        runs["read GB/s"].append(read_bandwidth(network.nbytes))
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+
+    median = {name: float(np.median(values)) for name, values in runs.items() if values}
+    single = median["fused B=1 1 core"]
+    limit = median["matmul GFLOP/s"] * 1e9 / flops
+    bound = median["read GB/s"] * 1e9 / network.nbytes
+    print(f"\n{'':28s}{'samples/s':>12s}  {'min..max':>19s}  {'x single':>8s}  "
+          f"{'% FLOP limit':>12s}")
+    for name, values in runs.items():
+        if not values or "GFLOP" in name or "GB/s" in name:
+            continue
+        rate = median[name]
+        print(f"{name:28s}{rate:12,.0f}  {min(values):9,.0f}..{max(values):<9,.0f}  "
+              f"{rate / single:8.2f}  {100 * rate / limit:11.1f}%")
+    print(f"\nsingle stream: {single:,.0f} samples/s = {single / 16000:.2f}x real time at 16 kHz "
+          f"(target >= 16,000)")
+    print(f"  bandwidth bound: {median['read GB/s']:.1f} GB/s reading {network.nbytes / 1e6:.2f}"
+          f" MB on one core -> {bound:,.0f} samples/s; reached {100 * single / bound:.0f}%")
+    if "naive keras B=1" in median:
+        print(f"fused / naive Keras: {single / median['naive keras B=1']:,.0f}x (target >= 100x)")
+    print(f"fused / queue numpy: {single / median['queue numpy B=1']:,.1f}x")
+    best32 = max(median["fused B=32 1 core"], median[f"fused B=32 {cores} cores"])
+    print(f"B=32 / single stream: {median['fused B=32 1 core'] / single:.1f}x on one core, "
+          f"{best32 / single:.1f}x with all cores (target >= 10x)")
+    print(f"FLOP limit: {median['matmul GFLOP/s']:.0f} GFLOP/s (numpy float32 matmul, all "
+          f"cores) / {flops / 1e6:.3f} MFLOP = {limit:,.0f} samples/s; best reached "
+          f"{100 * best32 / limit:.0f}%")
+
+
+if __name__ == "__main__":
+    main()
