@@ -111,8 +111,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM (scancel, a batch system's time limit) like Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from rainforest.generate import GenerationConfig, generate
+
+    _interrupt_on_sigterm()
 
     config = GenerationConfig(seconds=args.seconds, streams=args.streams,
                               temperature=args.temperature, seed=args.seed, label=args.label,
@@ -314,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate audio from the newest checkpoint of RUN with the fused Numba "
                     "loop (no TensorFlow needed). Writes one 16-bit wav and one spectrogram "
                     "PNG per stream into --out, plus generation.json with the settings. "
-                    "Ctrl-C stops early and keeps what was generated so far.",
+                    "Ctrl-C (or SIGTERM) stops early and keeps what was generated so far.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     gen.add_argument("run", metavar="RUN", help="run folder (or one checkpoint folder)")

@@ -356,7 +356,8 @@ def test_cli_bad_input_is_a_clear_error(case, trained_conditioned_run, tmp_path)
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_what_was_generated(trained_conditioned_run, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_what_was_generated(stop, trained_conditioned_run, tmp_path):
     out = tmp_path / "out"
     label = labels_of(trained_conditioned_run)[0]
     process = subprocess.Popen(
@@ -367,7 +368,7 @@ def test_ctrl_c_keeps_what_was_generated(trained_conditioned_run, tmp_path):
     while "s of audio" not in seen and time.monotonic() < deadline:
         seen += os.read(process.stderr.fileno(), 4096).decode()
     time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, seen + stderr
     assert "interrupted: kept" in stdout
