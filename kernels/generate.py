@@ -305,8 +305,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
             last_codes[b, 1] = code
 
 
-#: The network arrays the loop reads, in :func:`_generate`'s argument order (after the two
-#: per-stream ones).
+#: Every array of a :class:`FusedNetwork` besides the gate bias, conditioning and dilations.
 NETWORK_ARRAYS = ("input_previous", "input_current", "input_bias", "gate_kernel",
                   "residual_kernel", "residual_bias", "skip_kernel", "skip_bias",
                   "output1_kernel", "output1_bias", "output2_kernel", "output2_bias")
