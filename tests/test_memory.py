@@ -11,11 +11,15 @@ import audiogen
 
 pytestmark = pytest.mark.slow
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking parent, so
+# a child of a pytest process that has loaded TensorFlow would report that process's size.
 MEASURE = """
-import resource, sys
+import sys
 from rainforest.preprocess import preprocess
 preprocess([sys.argv[1]], sys.argv[2], cluster="sync", progress=False, log=lambda line: None)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+with open("/proc/self/status") as status:
+    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(peak_kb // 1024)
 """
 
 
