@@ -23,15 +23,20 @@ single-stream throughput at B = 32.
 import argparse
 import os
 import platform
-import threading
 import time
 from collections import deque
 
 import numpy as np
 from numba import njit
 
-from rainforest.generate import fuse, prime_state, stream_gate_bias, stream_seeds
-from rainforest.kernels.generate import StreamState, generate_codes
+from rainforest.generate import (
+    fuse,
+    generate_threaded,
+    prime_state,
+    stream_gate_bias,
+    stream_seeds,
+)
+from rainforest.kernels.generate import generate_codes
 from rainforest.model import PRESETS, multiply_adds_per_sample, weight_layout
 
 
@@ -64,17 +69,16 @@ def fused_rate(network, streams, samples):
 def fused_threads_rate(network, streams, samples, threads):
     """The streams shared among ``threads`` threads running the nogil kernel at once."""
     state = fresh_state(network, streams)
-    shares = np.array_split(np.arange(streams), threads)
-    states = [StreamState(state.rings[s], state.last_codes[s], state.rng_states[s],
-                          state.gate_bias[s], state.position) for s in shares]
-    workers = [threading.Thread(target=generate_codes, args=(network, s, samples))
-               for s in states]
+    states = [state.take(share) for share in np.array_split(np.arange(streams), threads)]
     started = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    generate_threaded(network, states, samples, 1.0)
     return streams * samples / (time.perf_counter() - started)
+
+
+def draw(logits, rng):
+    """Inverse-CDF sample of softmax(logits), in numpy (the baselines' sampler)."""
+    p = np.exp(logits - logits.max())
+    return min(int(np.searchsorted(np.cumsum(p), rng.random() * p.sum())), logits.shape[0] - 1)
 
 
 class QueueWaveNet:
@@ -107,9 +111,7 @@ class QueueWaveNet:
                 x = x + gated @ w[f"{name}/residual_kernel"] + w[f"{name}/residual_bias"]
         head = np.maximum(np.maximum(skip, 0) @ w["output1_kernel"] + w["output1_bias"], 0)
         logits = head @ w["output2_kernel"] + w["output2_bias"]
-        p = np.exp(logits - logits.max())
-        code = int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum()))
-        self.codes = [self.codes[1], min(code, self.config.classes - 1)]
+        self.codes = [self.codes[1], draw(logits, self.rng)]
 
 
 def queue_rate(weights, config, samples):
@@ -139,10 +141,8 @@ class NaiveKeras:
 
     def step(self):
         logits = self.forward(self.window).numpy().astype(np.float64)
-        p = np.exp(logits - logits.max())
-        code = int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum()))
         self.window = np.roll(self.window, -1, axis=1)
-        self.window[0, -1] = min(code, logits.shape[0] - 1)
+        self.window[0, -1] = draw(logits, self.rng)
 
 
 def naive_rate(naive, samples):

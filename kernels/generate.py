@@ -420,9 +420,10 @@ class StreamState:
     def streams(self):
         return self.rings.shape[0]
 
-    def copy(self):
-        return StreamState(self.rings.copy(), self.last_codes.copy(), self.rng_states.copy(),
-                           self.gate_bias.copy(), self.position)
+    def take(self, streams):
+        """A state of its own for some of the streams (indices), e.g. one thread's share."""
+        return StreamState(self.rings[streams], self.last_codes[streams],
+                           self.rng_states[streams], self.gate_bias[streams], self.position)
 
 
 def generate_codes(network, state, steps, *, temperature=1.0, forced=None,

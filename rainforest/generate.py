@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from rainforest import checkpoint, storage
-from rainforest.config import AudioConfig, from_dict
+from rainforest.config import AudioConfig
 from rainforest.errors import AudioDecodeError, CheckpointError, ParameterError
 from rainforest.kernels import (
     mulaw_decode,
@@ -77,10 +77,6 @@ class GenerationConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
-        return from_dict(cls, data)
-
 
 @dataclass
 class Checkpoint:
@@ -103,8 +99,6 @@ def _keras_variable_groups(handle) -> dict[str, Any]:
             groups[key] = obj
 
     handle.visititems(visit)
-    if "vars" in handle:
-        groups[""] = handle["vars"]
     return groups
 
 
@@ -305,11 +299,14 @@ def prime_codes(path: str, audio: AudioConfig, receptive: int) -> np.ndarray:
     return codes[max(start, stop - receptive):stop]
 
 
-def _run_chunk(network, states, steps, temperature, outputs, done):
-    """Advance every thread's share of streams by ``steps``, in parallel (nogil kernel)."""
+def generate_threaded(network: FusedNetwork, states: list[StreamState], steps: int,
+                      temperature: float) -> list[np.ndarray]:
+    """Advance each state by ``steps`` on a thread of its own (the kernel drops the GIL), so
+    the streams of the states run on as many cores; the codes of each state, in order."""
+    codes: list[np.ndarray | None] = [None] * len(states)
+
     def work(index):
-        outputs[index].append(generate_codes(network, states[index], steps,
-                                             temperature=temperature))
+        codes[index] = generate_codes(network, states[index], steps, temperature=temperature)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(1, len(states))]
     for thread in threads:
@@ -319,7 +316,7 @@ def _run_chunk(network, states, steps, temperature, outputs, done):
     finally:  # also on Ctrl-C: no thread may still write a state when the caller reads it
         for thread in threads:
             thread.join()
-    return done + steps
+    return codes
 
 
 def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool = True
@@ -395,9 +392,8 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
     total = int(round(config.seconds * audio.sample_rate))
     threads = min(config.threads, streams)
     shares = np.array_split(np.arange(streams), threads)
-    states = [StreamState(state.rings[s], state.last_codes[s], state.rng_states[s],
-                          state.gate_bias[s], state.position) for s in shares]
-    outputs: list[list[np.ndarray]] = [[] for _ in shares]
+    states = [state.take(share) for share in shares]
+    chunks: list[list[np.ndarray]] = []
     chunk = max(1, int(CHUNK_SECONDS * audio.sample_rate))
     log(f"generating {streams} x {config.seconds:g} s at {audio.sample_rate} Hz from "
         f"{source.folder} (step {source.step}, receptive field {rf} codes)")
@@ -413,16 +409,16 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
         try:
             while done < total:
                 steps = min(chunk, total - done)
-                done = _run_chunk(network, states, steps, config.temperature, outputs, done)
+                chunks.append(np.concatenate(
+                    generate_threaded(network, states, steps, config.temperature)))
+                done += steps
                 bar.update(steps)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the chunk under way is dropped; finished ones are kept
             interrupted = True
-            done = min(sum(c.shape[1] for c in part) for part in outputs)
+            done = sum(chunk.shape[1] for chunk in chunks)
             log(f"interrupted: keeping the {done / audio.sample_rate:.2f} s generated so far")
     elapsed = time.perf_counter() - started
-    codes = np.concatenate([np.concatenate(part, axis=1)[:, :done] if part
-                            else np.empty((len(s), 0), np.uint8)
-                            for part, s in zip(outputs, shares, strict=True)], axis=0)
+    codes = np.concatenate(chunks, axis=1) if chunks else np.empty((streams, 0), np.uint8)
     paths = write_outputs(codes, audio, out) if done else []
     summary = {
         "checkpoint": source.folder, "step": source.step, "settings": config.to_dict(),
