@@ -12,21 +12,22 @@ that machine noise hits all alike (the medians over rounds are printed):
 * queue:  a straightforward fast-WaveNet in numpy: per-layer queues, one numpy call per
   product per layer per sample (Paine et al. 2016, the algorithm without fusion);
 * limits: the FLOP limit (2 x multiply-adds per sample over the GFLOP/s of a large float32
-  numpy matmul, all cores) and the bandwidth bound (bytes of weights per sample over the rate
+  numpy matmul, all cores, measured by ``machine.py`` with OPENBLAS_CORETYPE and
+  OPENBLAS_L2_SIZE unset) and the bandwidth bound (bytes of weights per sample over the rate
   one core reads a weight-sized array from its caches).
 
 The weights are random (scaled like Glorot initialisation); speed does not depend on their
-values. Targets (issue 4): >= 16,000 samples/s single stream; >= 100x naive; >= 10x the
+values. Targets: >= 16,000 samples/s single stream; >= 100x naive; >= 10x the
 single-stream throughput at B = 32.
 """
 
 import argparse
 import os
-import platform
 import time
 from collections import deque
 
 import numpy as np
+from machine import describe, matmul_gflops
 from numba import njit
 
 from rainforest.generate import (
@@ -36,8 +37,8 @@ from rainforest.generate import (
     stream_gate_bias,
     stream_seeds,
 )
-from rainforest.kernels.generate import generate_codes
-from rainforest.model import PRESETS, multiply_adds_per_sample, weight_layout
+from rainforest.kernels.fused_loop import generate_codes
+from rainforest.model_config import PRESETS, multiply_adds_per_sample, weight_layout
 
 
 def random_weights(config, seed=0):
@@ -128,7 +129,7 @@ class NaiveKeras:
     def __init__(self, weights, config):
         import tensorflow as tf
 
-        from rainforest.model import build_model
+        from rainforest.network import build_model
 
         self.model = build_model(config)
         by_name = {v.path.removeprefix(self.model.name + "/"): v for v in self.model.weights}
@@ -150,16 +151,6 @@ def naive_rate(naive, samples):
     for _ in range(samples):
         naive.step()
     return samples / (time.perf_counter() - started)
-
-
-def matmul_gflops(size=2048):
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    b = a.T.copy()
-    a @ b
-    started = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return 3 * 2 * size**3 / (time.perf_counter() - started) / 1e9
 
 
 @njit(fastmath=True, nogil=True)
@@ -195,8 +186,8 @@ def main():
     network = fuse(weights, config)
     cores = os.cpu_count() or 1
     flops = 2 * multiply_adds_per_sample(config)
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores; "
-          f"config medium: {len(config.dilations)} layers, receptive field "
+    print(describe())
+    print(f"config medium: {len(config.dilations)} layers, receptive field "
           f"{network.receptive_field}, {flops / 1e6:.3f} MFLOP and "
           f"{network.nbytes / 1e6:.2f} MB of weights per sample")
     # Compile every path once, outside the timing.

@@ -3,7 +3,8 @@
 Run with ``python benchmarks/train.py [--config medium] [--batch-size 1] [--target-length 16384]``.
 Each round measures, side by side so that machine noise hits all alike:
 
-* peak:        a 4096^3 float32 numpy matmul on every core (the same cores TensorFlow uses);
+* peak:        a 4096^3 float32 numpy matmul on every core (the same cores TensorFlow uses),
+               measured by ``machine.py`` with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset;
 * eager / graph / xla: one rank (``rainforest.train.Trainer``) in a fresh process, with
   eager execution, ``tf.function`` and ``tf.function(jit_compile=True)``;
 * graph x2:    two ranks under ``horovodrun -np 2 --gloo``, each with half the cores and the
@@ -21,31 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import numpy as np
+from machine import describe, matmul_gflops
 
 HERE = os.path.abspath(__file__)
-
-
-def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
-    a = np.random.default_rng(0).random((size, size), dtype=np.float32)
-    a @ a
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times) / 1e9
 
 
 def worker(config_name: str, mode: str, batch: int, target: int, steps: int, warmup: int):
     """Time ``steps`` training steps in this process (one rank of however many Horovod has)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from rainforest.model import PRESETS, receptive_field
+    from rainforest.model_config import PRESETS, receptive_field
     from rainforest.train import TrainConfig, Trainer, init_horovod
 
     hvd = init_horovod()
@@ -95,13 +85,14 @@ def main() -> None:
                warmup=2)
         return
 
-    from rainforest.model import PRESETS, multiply_adds_per_sample, receptive_field
+    from rainforest.model_config import PRESETS, multiply_adds_per_sample, receptive_field
 
     config = PRESETS[args.config]
     flops_per_sample = 3 * 2 * multiply_adds_per_sample(config)
     cores = len(os.sched_getaffinity(0))
     per_step = args.batch_size * args.target_length
-    print(f"{platform.processor() or platform.machine()}, {cores} cores; config {args.config}: "
+    print(describe())
+    print(f"{cores} cores; config {args.config}: "
           f"{len(config.dilations)} layers, receptive field {receptive_field(config)}, "
           f"{multiply_adds_per_sample(config):,} forward multiply-adds per sample")
     print(f"batch: {args.batch_size} x {args.target_length} = {per_step} target samples per "
@@ -119,7 +110,8 @@ def main() -> None:
         print(f"round {round_index + 1}: " + ", ".join(
             f"{k} {v[-1]:.0f}/s" for k, v in results.items()) + f"; peak {peaks[-1]:.0f} GFLOP/s")
     peak = float(np.median(peaks))
-    print(f"\nnumpy float32 matmul peak on {cores} cores: median {peak:.0f} GFLOP/s "
+    print(f"\nnumpy float32 matmul peak (OpenBLAS overrides unset) on {cores} cores: "
+          f"median {peak:.0f} GFLOP/s "
           f"(min {min(peaks):.0f}, max {max(peaks):.0f})")
     print(f"{'variant':<10} {'samples/s':>10} {'min..max':>15} {'GFLOP/s':>8} {'of peak':>8}")
     for name, values in results.items():

@@ -1,6 +1,6 @@
 """mu-law companding between float audio in [-1, 1] and unsigned 8-bit codes.
 
-Convention (ARCHITECTURE.md, pinned by ``tests/reference.py``), with mu = 255::
+Convention (the README's dataset format; pinned by ``tests/reference.py``), with mu = 255::
 
     encode(x) = floor((sign(x) * ln(1 + mu|x|) / ln(1 + mu) + 1) / 2 * mu + 0.5)
     decode(c) = sign(y) * ((1 + mu)**|y| - 1) / mu,  y = 2c/mu - 1   (the bin centre)

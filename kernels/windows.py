@@ -34,12 +34,13 @@ def _valid_counts(lengths, window):
 
 
 @jit
-def _random_window_starts(offsets, lengths, window, count, seed):
+def _random_window_starts(offsets, lengths, window, count, seed, skip):
     valid = _valid_counts(lengths, window)
     cumulative = np.cumsum(valid)
     total = np.uint64(cumulative[-1])
     starts = np.empty(count, dtype=np.int64)
-    state = np.uint64(seed)
+    # Each draw advances the state by _GOLDEN, so skipping draws is one multiply (mod 2**64).
+    state = seed + skip * _GOLDEN
     for j in range(count):
         state = state + _GOLDEN
         draw = np.int64(_splitmix64(state) % total)
@@ -83,12 +84,13 @@ def _songs(offsets, lengths):
     return offsets, lengths
 
 
-def random_window_starts(offsets, lengths, *, window, count, seed):
+def random_window_starts(offsets, lengths, *, window, count, seed, skip=0):
     """Draw ``count`` window starts uniformly over every valid position of every song.
 
     A song of length ``n`` has ``n - window + 1`` valid starts; songs shorter than ``window``
     have none. Each valid position in the shard is equally likely, and the same ``seed`` gives
-    the same starts.
+    the same starts. ``skip=k`` returns draws ``k .. k + count - 1`` of the same stream without
+    making the first ``k``, so a stream can be read from any position.
 
     Parameters
     ----------
@@ -100,6 +102,8 @@ def random_window_starts(offsets, lengths, *, window, count, seed):
         How many starts to draw.
     seed : int
         Any integer in 0..2**64-1.
+    skip : int
+        Draws of the stream to pass over first (>= 0).
 
     Examples
     --------
@@ -112,13 +116,16 @@ def random_window_starts(offsets, lengths, *, window, count, seed):
     count = positive_int("count", count)
     if not 0 <= int(seed) < 2**64:
         raise ParameterError(f"seed must be in 0..2**64-1, got {seed}")
+    if isinstance(skip, bool) or not isinstance(skip, int | np.integer) or skip < 0:
+        raise ParameterError(f"skip must be a non-negative integer, got {skip!r}")
     if not np.any(lengths >= window):
         longest = int(lengths.max()) if lengths.size else 0
         raise ParameterError(
             f"window of {window} samples is longer than every song (longest: {longest}); "
             "use a shorter window or longer songs"
         )
-    return _random_window_starts(offsets, lengths, window, count, np.uint64(int(seed)))
+    return _random_window_starts(offsets, lengths, window, count, np.uint64(int(seed)),
+                                 np.uint64(int(skip) % 2**64))
 
 
 def strided_window_starts(offsets, lengths, *, window, stride):

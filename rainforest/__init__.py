@@ -1,7 +1,10 @@
 """rainforest: an HPC toolkit for WaveNet song generation.
 
-Stages, one module each: ``fetch``, ``audio``, ``preprocess``, ``dataset``, ``model``,
-``train``, ``generate``. Shared pieces: ``config``, ``storage``, ``cluster``, ``errors``, ``cli``.
+Stages, one module each: ``audio`` (a song to codes), ``preprocess`` (songs to a dataset),
+``dataset`` (the dataset format and training input), ``train``, ``generate``. The model is
+``model_config`` (its shape, without TensorFlow) and ``network`` (the Keras network). Shared
+pieces: ``config``, ``storage``, ``documents``, ``plots``, ``runlog``, ``checkpoint``,
+``cluster``, ``samples``, ``errors`` and ``cli``; the Numba kernels are ``rainforest.kernels``.
 """
 
 from rainforest.errors import (

@@ -1,20 +1,31 @@
-"""Decoding songs into mono float32 blocks at the target sample rate, in bounded memory.
+"""Songs to codes: decoding, mixing, resampling, mu-law encoding and trimming, in bounded memory.
 
 soundfile (libsndfile 1.2.2 in its wheel) decodes mp3, ogg/vorbis, opus, flac and wav at any
-channel count, bit depth and rate. Blocks are mixed to mono and streamed through soxr, so peak
-memory depends on the block size, never on the song's length.
+channel count, bit depth and rate. Blocks are mixed to mono by a Numba kernel and streamed
+through soxr, so peak memory depends on the block size, never on the song's length.
+:func:`encode_song` is the one chain from a song to its trimmed mu-law codes; preprocessing
+and generation's ``--prime`` both use it.
 """
 
 from __future__ import annotations
 
+import math
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 import soundfile
 import soxr
 
+from rainforest.config import AudioConfig
 from rainforest.errors import AudioDecodeError, ParameterError
-from rainforest.kernels import downmix
+from rainforest.kernels import (
+    downmix,
+    mulaw_encode,
+    peak_amplitude,
+    relative_threshold,
+    trim_bounds,
+)
 
 #: Frames read per block: large enough to amortise per-call costs, small enough for L2.
 BLOCK_FRAMES = 1 << 16
@@ -22,6 +33,9 @@ BLOCK_FRAMES = 1 << 16
 # mp3 headers can overstate the length by an encoder delay or a frame or two; a shortfall
 # beyond this fraction means the file was cut short.
 _TRUNCATION_TOLERANCE = 0.01
+
+#: Codes read back from the spool file at a time while trimming and copying.
+_SPOOL_CHUNK = 1 << 22
 
 
 def _sniff_reason(path: str) -> str | None:
@@ -49,7 +63,7 @@ class SongDecoder:
     sample_rate : int
         Target rate in Hz.
     quality : str
-        soxr recipe, e.g. ``"HQ"``.
+        soxr recipe, e.g. ``"HQ"``; the default is ``AudioConfig``'s.
     block_frames : int
         Source frames read per block.
 
@@ -59,7 +73,8 @@ class SongDecoder:
     ...     samples = np.concatenate(list(song.blocks()))
     """
 
-    def __init__(self, path: str, *, sample_rate: int, quality: str = "HQ",
+    def __init__(self, path: str, *, sample_rate: int,
+                 quality: str = AudioConfig.resample_quality,
                  block_frames: int = BLOCK_FRAMES) -> None:
         if block_frames <= 0:
             raise ParameterError(f"block_frames must be positive, got {block_frames}")
@@ -161,7 +176,8 @@ class SongDecoder:
         return None
 
 
-def decode_mono(path: str, *, sample_rate: int, quality: str = "HQ") -> np.ndarray:
+def decode_mono(path: str, *, sample_rate: int,
+                quality: str = AudioConfig.resample_quality) -> np.ndarray:
     """Decode a whole song to one mono float32 array at ``sample_rate`` (for short files).
 
     Examples
@@ -172,6 +188,89 @@ def decode_mono(path: str, *, sample_rate: int, quality: str = "HQ") -> np.ndarr
     with SongDecoder(path, sample_rate=sample_rate, quality=quality) as song:
         parts = [block.copy() for block in song.blocks()]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+def _read_codes(spool, start: int, stop: int) -> np.ndarray:
+    spool.seek(start)
+    return np.frombuffer(spool.read(stop - start), dtype=np.uint8)
+
+
+def _loud_range(spool, length: int, threshold: float) -> tuple[int, int]:
+    """First and last loud sample of the spooled codes, scanning in chunks from each end."""
+    start = None
+    for chunk_start in range(0, length, _SPOOL_CHUNK):
+        chunk_stop = min(length, chunk_start + _SPOOL_CHUNK)
+        first, last = trim_bounds(_read_codes(spool, chunk_start, chunk_stop), threshold=threshold)
+        if last > 0:
+            start = chunk_start + first
+            break
+    if start is None:
+        return 0, 0
+    chunk_stop = length
+    while True:
+        chunk_start = max(start, chunk_stop - _SPOOL_CHUNK)
+        first, last = trim_bounds(_read_codes(spool, chunk_start, chunk_stop), threshold=threshold)
+        if last > 0:
+            return start, chunk_start + last
+        chunk_stop = chunk_start
+
+
+def encode_song(path: str, config: AudioConfig, sink, *, spool_dir: str | None = None) -> dict:
+    """The one song-to-codes chain: decode, mix to mono, resample, mu-law encode, and trim.
+
+    The kept codes go to ``sink.append(codes)`` in order, a chunk at a time (a shard writer,
+    or a plain list). Blocks are spooled to a temporary file in ``spool_dir`` while the song's
+    peak is found, so memory stays flat for songs of any length. Returns the song's manifest
+    fields (without its place in a shard).
+
+    Raises
+    ------
+    AudioDecodeError
+        If the song cannot be used; the message is the reason recorded in the manifest.
+    """
+    with SongDecoder(path, sample_rate=config.sample_rate,
+                     quality=config.resample_quality) as song, \
+            tempfile.TemporaryFile(dir=spool_dir) as spool:
+        peak, length = 0.0, 0
+        codes = np.empty(0, dtype=np.uint8)
+        for block in song.blocks():
+            if codes.shape[0] < block.shape[0]:
+                codes = np.empty(block.shape[0], dtype=np.uint8)
+            encoded = mulaw_encode(block, out=codes[: block.shape[0]])
+            peak = max(peak, peak_amplitude(encoded))
+            spool.write(encoded.tobytes())
+            length += encoded.shape[0]
+        if length == 0:
+            raise AudioDecodeError("no audio: the file decodes to 0 samples")
+        floor = 10.0 ** (config.silence_floor_db / 20.0)
+        if peak < floor:
+            level = 20 * math.log10(peak) if peak > 0 else -math.inf
+            raise AudioDecodeError(
+                f"silent: the loudest sample is {level:.1f} dBFS, below the "
+                f"{config.silence_floor_db:.0f} dBFS floor"
+            )
+        start, stop = _loud_range(spool, length, relative_threshold(peak, config.trim_db))
+        kept = stop - start
+        if kept < config.min_seconds * config.sample_rate:
+            raise AudioDecodeError(
+                f"too short: {kept / config.sample_rate:.3f} s of audio after trimming silence "
+                f"(at least {config.min_seconds:g} s needed)"
+            )
+        for chunk_start in range(start, stop, _SPOOL_CHUNK):
+            sink.append(_read_codes(spool, chunk_start, min(stop, chunk_start + _SPOOL_CHUNK)))
+        fields = {
+            "source_rate": song.source_rate,
+            "channels": song.channels,
+            "source_format": song.format,
+            "source_seconds": round(song.decoded_frames / song.source_rate, 6),
+            "trimmed_start": start,
+            "trimmed_end": length - stop,
+            "length": kept,
+            "seconds": round(kept / config.sample_rate, 6),
+        }
+        if song.truncation:
+            fields["note"] = song.truncation
+        return fields
 
 
 def _libsndfile_message(error: Exception) -> str:

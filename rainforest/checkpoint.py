@@ -8,22 +8,21 @@ Layout of a run folder (local)::
     RUN/checkpoints/latest                            name of the newest checkpoint (last)
     RUN/tensorboard/, RUN/metrics.jsonl, RUN/curves.png
 
-A checkpoint is assembled in a hidden ``.tmp-`` folder and renamed into place, then ``latest``
+A checkpoint is assembled in a hidden staging folder and renamed into place, then ``latest``
 is replaced atomically, so a reader never sees half a checkpoint. Nothing is pickled: a
 checkpoint from a stranger cannot run code. Reading the config needs no TensorFlow.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from rainforest import storage
+from rainforest.documents import read_document
 from rainforest.errors import CheckpointError
 
 FORMAT = "rainforest-checkpoint"
@@ -74,23 +73,10 @@ def latest(run: str) -> str:
 
 def read_config(folder: str) -> dict[str, Any]:
     """A checkpoint's ``config.json``, checked for format and version."""
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}: not a rainforest checkpoint")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except ValueError as error:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({error}); the checkpoint is damaged") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a rainforest checkpoint config")
-    if data.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {data.get('version')!r}; this rainforest "
-            f"reads version {VERSION}"
-        )
-    return data
+    return read_document(
+        os.path.join(folder, CONFIG_NAME), kind=FORMAT, version=VERSION, error=CheckpointError,
+        advice="upgrade rainforest, or train into a new --run",
+        missing=f"{folder} has no {CONFIG_NAME}: not a rainforest checkpoint")
 
 
 def verify(folder: str, config: dict[str, Any]) -> None:
@@ -113,10 +99,8 @@ def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int)
     in ``config.json`` under ``files``.
     """
     root = checkpoint_root(run)
-    os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_name(step))
-    staging = tempfile.mkdtemp(prefix=storage.TEMP_MARKER, dir=root)
-    try:
+    with storage.Staged(final, folder=True) as staging:
         save_files(staging)
         files = {name: storage.sha256_of(os.path.join(staging, name))
                  for name in sorted(os.listdir(staging))}
@@ -124,12 +108,6 @@ def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int)
                     "files": files}
         with open(os.path.join(staging, CONFIG_NAME), "wb") as handle:
             handle.write(storage.dumps_json(document))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     storage.write_bytes_atomic(os.path.join(root, LATEST), step_name(step).encode() + b"\n")
     for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -18,28 +18,36 @@ from rainforest.errors import RainforestError
 EXIT_SOME_SONGS_FAILED = 3
 
 
-def _add_audio_options(parser: argparse.ArgumentParser) -> None:
-    from rainforest.config import AudioConfig
+def add_config_options(parser, cls: type, *, title: str | None = None) -> None:
+    """One option per command-line field of config class ``cls``, from its declaration.
 
-    default = AudioConfig()
-    group = parser.add_argument_group("audio")
-    group.add_argument("--sample-rate", type=int, default=default.sample_rate,
-                       help="target sample rate in Hz (default: %(default)s)")
-    group.add_argument("--trim-db", type=float, default=default.trim_db,
-                       help="trim leading/trailing audio this many dB below the song's own "
-                            "peak (default: %(default)s)")
-    group.add_argument("--min-seconds", type=float, default=default.min_seconds,
-                       help="reject songs shorter than this after trimming (default: %(default)s)")
-    group.add_argument("--quality", default=default.resample_quality,
-                       choices=["VHQ", "HQ", "MQ", "LQ", "QQ"],
-                       help="soxr resampling quality (default: %(default)s)")
+    Defaults are not filled in by argparse (``SUPPRESS``), so :func:`given` can tell the
+    options a user typed from the dataclass defaults; the help still shows the default.
+    """
+    from rainforest.config import cli_fields, flag_of
+
+    group = parser.add_argument_group(title) if title else parser
+    for field in cli_fields(cls):
+        kind = type(field.default) if field.default is not None else str
+        help_text = field.metadata["help"].replace("%", "%%")
+        shown = f"; default: {field.default}" if field.default is not None else ""
+        choices = field.metadata.get("choices")
+        metavar = None if choices else {int: "N", float: "X"}.get(kind, field.name.upper())
+        group.add_argument(flag_of(field), dest=field.name, type=kind, default=argparse.SUPPRESS,
+                           choices=choices, help=help_text + shown, metavar=metavar)
+
+
+def given(args: argparse.Namespace, cls: type) -> dict:
+    """The fields of ``cls`` that the user set on the command line."""
+    from rainforest.config import cli_fields
+
+    return {f.name: getattr(args, f.name) for f in cli_fields(cls) if hasattr(args, f.name)}
 
 
 def _audio_config(args: argparse.Namespace):
     from rainforest.config import AudioConfig
 
-    return AudioConfig(sample_rate=args.sample_rate, trim_db=args.trim_db,
-                       min_seconds=args.min_seconds, resample_quality=args.quality)
+    return AudioConfig(**given(args, AudioConfig))
 
 
 def _print_summary(summary: dict) -> None:
@@ -77,37 +85,29 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
     import os
 
     # TensorFlow's C++ info lines would bury the progress output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from rainforest.dataset import Dataset
-    from rainforest.model import load_model_config
-    from rainforest.train import TrainConfig, dataset_labels, train
+    from rainforest.model_config import load_model_config
+    from rainforest.train import TrainConfig, train
 
-    config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, target_length=args.target_length,
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, clip_norm=args.clip_norm,
-        validation_fraction=args.val_fraction, validation_every=args.val_every,
-        validation_windows=args.val_windows, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep, seed=args.seed, compile=args.compile,
-        precision=args.precision, log_every=args.log_every,
-    )
-    model_config = load_model_config(args.config)
-    if args.condition and not args.resume:
-        model_config = dataclasses.replace(model_config,
-                                           labels=dataset_labels(Dataset(args.dataset)))
-    result = train(args.dataset, args.run, model_config=model_config, config=config,
-                   resume=args.resume, time_limit_minutes=args.time_limit,
+    result = train(args.dataset, args.run,
+                   model_config=load_model_config(args.config) if args.config else None,
+                   overrides=given(args, TrainConfig), resume=args.resume,
+                   condition=args.condition, time_limit_minutes=args.time_limit,
                    progress=not args.no_progress)
     if result["rank"] == 0:
+        from rainforest import checkpoint, runlog
+
         bits = result["validation_bits"]
         held = (f"held-out {bits:.3f} bits/sample (unigram {result['unigram_bits']:.3f})"
                 if result["unigram_bits"] is not None else "no held-out songs")
+        run = args.run
         print(f"done: step {result['step']} on {result['ranks']} rank(s), {held}; "
-              f"checkpoints in {args.run}/checkpoints, curves in {args.run}/curves.png, "
-              f"TensorBoard: tensorboard --logdir {args.run}/tensorboard")
+              f"checkpoints in {checkpoint.checkpoint_root(run)}, curves in "
+              f"{os.path.join(run, runlog.CURVES_NAME)}, TensorBoard: tensorboard --logdir "
+              f"{os.path.join(run, runlog.TENSORBOARD_DIR)}")
     return 0
 
 
@@ -125,11 +125,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rainforest.generate import GenerationConfig, generate
 
     _interrupt_on_sigterm()
-
-    config = GenerationConfig(seconds=args.seconds, streams=args.streams,
-                              temperature=args.temperature, seed=args.seed, label=args.label,
-                              prime=args.prime, threads=args.threads)
-    summary = generate(args.run, args.out, config, progress=not args.no_progress)
+    summary = generate(args.run, args.out, GenerationConfig(**given(args, GenerationConfig)),
+                       progress=not args.no_progress)
     if not summary["files"]:
         print("nothing was generated, so nothing was written", file=sys.stderr)
         return 130 if summary["interrupted"] else 1
@@ -239,12 +236,20 @@ def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rainforest",
-        description="WaveNet song generation on a cluster: fetch songs, preprocess them with "
-                    "Dask into mu-law shards, train with Horovod, generate audio.",
+        description="WaveNet song generation on a cluster: preprocess songs with Dask into "
+                    "mu-law shards, train with Horovod, generate audio.",
         epilog="Run `rainforest COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_preprocess, _add_train, _add_generate, _add_inspect, _add_demo):
+        add(commands)
+    return parser
+
+
+def _add_preprocess(commands) -> None:
+    from rainforest.config import AudioConfig
+    from rainforest.preprocess import LABEL_MODES, SONGS_PER_SHARD
 
     pre = commands.add_parser(
         "preprocess", help="decode songs into a versioned dataset of mu-law shards",
@@ -256,23 +261,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "(exit status 3 if any failed).",
     )
     pre.add_argument("sources", nargs="+", metavar="SRC",
-                     help="song files, folders (searched recursively) or URLs such as s3://bucket/songs/")
+                     help="song files, folders (searched recursively) or URLs such as "
+                          "s3://bucket/songs/")
     pre.add_argument("--out", required=True, metavar="DATASET",
                      help="dataset folder or s3:// prefix to write (or resume)")
     pre.add_argument("--cluster", default="local", help=CLUSTER_HELP)
-    pre.add_argument("--songs-per-shard", type=int, default=8,
+    pre.add_argument("--songs-per-shard", type=int, default=SONGS_PER_SHARD,
                      help="songs per shard, the unit of work (default: %(default)s)")
-    pre.add_argument("--labels", choices=["none", "parent"], default="none",
+    pre.add_argument("--labels", choices=LABEL_MODES, default=LABEL_MODES[0],
                      help="'parent' labels each song with its folder name, e.g. a genre folder, "
                           "for global conditioning (default: %(default)s)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_audio_options(pre)
+    add_config_options(pre, AudioConfig, title="audio")
     pre.set_defaults(handler=cmd_preprocess)
+
+
+def _add_train(commands) -> None:
+    from rainforest.model_config import PRESETS
+    from rainforest.train import TrainConfig
 
     tr = commands.add_parser(
         "train", help="train a WaveNet on a dataset (one process, horovodrun, mpirun or srun)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a WaveNet with Horovod ring allreduce. Run it as it is for one "
                     "process, or under `horovodrun -np 2 -H localhost:2 --gloo`, "
                     "`horovodrun --mpi`, `mpirun -np N` or Slurm's `srun`: every rank reads "
@@ -285,41 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dataset folder or s3:// prefix written by `rainforest preprocess`")
     tr.add_argument("--run", required=True, metavar="RUN",
                     help="run folder for checkpoints and logs (local or shared filesystem)")
-    tr.add_argument("--config", default="default", metavar="NAME|FILE.json",
-                    help="model config: a preset (tiny, default, medium) or a JSON file with "
-                         "ModelConfig fields")
+    tr.add_argument("--config", metavar="NAME|FILE.json",
+                    help=f"model config: a preset ({', '.join(PRESETS)}) or a JSON file with "
+                         "ModelConfig fields (default: the 'default' preset)")
     tr.add_argument("--condition", action="store_true",
                     help="condition on the songs' labels (preprocess with --labels parent)")
     tr.add_argument("--resume", action="store_true",
-                    help="continue RUN from its latest checkpoint (configs come from it; "
-                         "--steps may raise the total)")
-    tr.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
-    tr.add_argument("--batch-size", type=int, default=4, help="windows per step per rank")
-    tr.add_argument("--target-length", type=int, default=4096,
-                    help="predicted codes per window (window = receptive field + this)")
-    tr.add_argument("--lr", type=float, default=1e-3,
-                    help="Adam learning rate of one rank; scaled by the rank count after "
-                         "warm-up")
-    tr.add_argument("--warmup-steps", type=int, default=100, help="learning-rate warm-up")
-    tr.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
-    tr.add_argument("--val-fraction", type=float, default=0.1,
-                    help="share of songs held out for validation (0: none)")
-    tr.add_argument("--val-every", type=int, default=100,
-                    help="measure held-out bits per sample every N steps")
-    tr.add_argument("--val-windows", type=int, default=64, help="held-out windows measured")
-    tr.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint period")
-    tr.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    tr.add_argument("--seed", type=int, default=0, help="seed of the weights and data order")
-    tr.add_argument("--compile", choices=["eager", "graph", "xla"], default="graph",
-                    help="eager, tf.function graph, or XLA (jit_compile) steps")
-    tr.add_argument("--precision", choices=["auto", "float32", "mixed_bfloat16"],
-                    default="auto", help="auto: bfloat16 compute on a GPU, float32 on a CPU")
+                    help="continue RUN from its latest checkpoint with its saved settings; "
+                         "--steps may raise the total, other settings given are ignored with "
+                         "a warning")
     tr.add_argument("--time-limit", type=float, metavar="MINUTES",
                     help="stop cleanly with a checkpoint after this much wall time "
                          "(e.g. inside a Slurm time limit); --resume continues")
-    tr.add_argument("--log-every", type=int, default=10, help="metrics period in steps")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(tr, TrainConfig, title="training")
     tr.set_defaults(handler=cmd_train)
+
+
+def _add_generate(commands) -> None:
+    from rainforest.generate import GenerationConfig
 
     gen = commands.add_parser(
         "generate", help="generate songs from a trained run",
@@ -327,33 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "loop (no TensorFlow needed). Writes one 16-bit wav and one spectrogram "
                     "PNG per stream into --out, plus generation.json with the settings. "
                     "Ctrl-C (or SIGTERM) stops early and keeps what was generated so far.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     gen.add_argument("run", metavar="RUN", help="run folder (or one checkpoint folder)")
-    gen.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per stream")
-    gen.add_argument("--streams", type=int, default=1,
-                     help="independent songs generated at once (batched: far more samples/s)")
-    gen.add_argument("--temperature", type=float, default=1.0,
-                     help="softmax temperature: <1 safer, >1 wilder, 0 always the likeliest code")
-    gen.add_argument("--seed", type=int, default=0,
-                     help="random seed; each stream draws from its own generator")
-    gen.add_argument("--label", help="for a model trained with --condition: which label "
-                                     "(e.g. genre or artist) to generate")
-    gen.add_argument("--prime", metavar="FILE",
-                     help="a song to continue: decoded and encoded like the training data, "
-                          "its last receptive field primes every stream")
-    gen.add_argument("--threads", type=int, default=1,
-                     help="CPU threads; streams are shared among them")
     gen.add_argument("--out", required=True, help="output folder")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_options(gen, GenerationConfig, title="generation")
     gen.set_defaults(handler=cmd_generate)
 
+
+def _add_inspect(commands) -> None:
     ins = commands.add_parser("inspect", help="summarise a dataset",
                               description="Songs, hours, sample rate, shards and their sizes, "
                                           "and the songs that failed with their reasons.")
     ins.add_argument("dataset", metavar="DATASET", help="dataset folder or s3:// prefix")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.set_defaults(handler=cmd_inspect)
+
+
+def _add_demo(commands) -> None:
+    from rainforest.config import AudioConfig
+    from rainforest.samples import DEFAULT_PACKAGE
 
     demo = commands.add_parser(
         "demo", help="run the pipeline end to end on real songs",
@@ -364,22 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--songs", nargs="+", metavar="SRC",
                       help="your own songs (files, folders, URLs) instead of the Debian package")
-    demo.add_argument("--package", default="wesnoth-1.16-music",
+    demo.add_argument("--package", default=DEFAULT_PACKAGE,
                       help="Debian package with real music (default: %(default)s)")
     demo.add_argument("--out", default="demo-data", help="working folder (default: %(default)s)")
     demo.add_argument("--cluster", default="local", help=CLUSTER_HELP)
     demo.add_argument("--train-steps", type=int, default=200,
-                      help="training steps after preprocessing (0: preprocess only)")
+                      help="training steps after preprocessing (0: preprocess only; default: "
+                           "%(default)s)")
     demo.add_argument("--ranks", type=int, default=2,
                       help="Horovod ranks for training, started by horovodrun over Gloo on "
-                           "localhost (1: a single process)")
+                           "localhost (1: a single process; default: %(default)s)")
     demo.add_argument("--train-config", default="default",
-                      help="model config preset or JSON file for the demo training")
+                      help="model config preset or JSON file for the demo training "
+                           "(default: %(default)s)")
     demo.add_argument("--generate-seconds", type=float, default=4.0,
-                      help="seconds of audio to generate per stream after training (0: none)")
-    _add_audio_options(demo)
+                      help="seconds of audio to generate per stream after training (0: none; "
+                           "default: %(default)s)")
+    add_config_options(demo, AudioConfig, title="audio")
     demo.set_defaults(handler=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,11 @@
-"""Frozen configuration dataclasses, saved inside every dataset and checkpoint."""
+"""Frozen configuration dataclasses and the one mechanism they share.
+
+Every setting is declared once, with :func:`setting`: its default, its help text, its choices
+and its command-line flag. ``rainforest.cli`` builds its options from these declarations and
+:func:`documented` writes each class's ``Parameters`` section from them, so a default or a
+choice is never restated. :class:`Config` gives every config the same JSON round trip, which
+is how configs travel inside datasets and checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +15,97 @@ from typing import Any
 
 from rainforest.errors import ParameterError
 
+#: soxr's quality recipes, best first.
+RESAMPLE_QUALITIES = ("VHQ", "HQ", "MQ", "LQ", "QQ")
 
-@dataclass(frozen=True)
-class AudioConfig:
-    """How songs become mu-law codes.
 
-    Parameters
-    ----------
-    sample_rate
-        Target sample rate in Hz after resampling.
-    mu
-        mu-law companding constant; codes are unsigned ``0..mu``.
-    quantization
-        Name of the code convention, pinned by ``tests/reference.py``.
-    trim_db
-        Leading and trailing samples quieter than the song's own peak by more than this many
-        decibels are trimmed. Relative to the song, so a quiet song is not dropped wholesale.
-    silence_floor_db
-        A song whose peak stays below this level (dBFS) is rejected as silent.
-    min_seconds
-        Songs shorter than this after trimming are rejected.
-    resample_quality
-        soxr quality recipe: ``"MQ"`` (default), ``"VHQ"``, ``"HQ"``, ``"LQ"`` or ``"QQ"``.
-        MQ keeps 16-bit precision (about 96 dB), far beyond the roughly 40 dB that 8-bit
-        mu-law codes can hold, and ran 27% faster than HQ on real songs here.
+def setting(default: Any, help: str, *, flag: str | None = None,
+            choices: tuple | None = None, cli: bool = True):
+    """A config field: its default, one line of help, and how the command line spells it.
+
+    ``flag`` defaults to the field name with dashes (``trim_db`` -> ``--trim-db``); ``cli=False``
+    keeps a field off the command line (it can still be set in code or JSON).
+    """
+    metadata = {"help": help, "flag": flag, "choices": choices, "cli": cli}
+    if isinstance(default, list | dict | set):
+        raise TypeError("mutable defaults are not allowed in a frozen config")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a config class that the command line exposes, in declaration order."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli")]
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def documented(cls: type) -> type:
+    """Append a numpydoc ``Parameters`` section built from the fields' help texts."""
+    lines = ["", "    Parameters", "    ----------"]
+    for field in dataclasses.fields(cls):
+        help_text = field.metadata.get("help")
+        if help_text is None:
+            continue
+        choices = field.metadata.get("choices")
+        extra = f" One of {', '.join(map(repr, choices))}." if choices else ""
+        lines += [f"    {field.name}", f"        {help_text}.{extra} Default: {field.default!r}."]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+class Config:
+    """What every frozen config dataclass shares: a JSON round trip that refuses unknown keys.
+
+    Tuples become lists in :meth:`to_dict`; subclasses convert them back in
+    ``__post_init__``, so ``cls.from_dict(c.to_dict()) == c``.
     """
 
-    sample_rate: int = 16000
-    mu: int = 255
-    quantization: str = "mulaw-u8"
-    trim_db: float = 40.0
-    silence_floor_db: float = -80.0
-    min_seconds: float = 1.0
-    resample_quality: str = "MQ"
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ParameterError(
+                f"{cls.__name__} does not know the key(s) {sorted(unknown)}; "
+                f"known keys: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def check_choices(self) -> None:
+        """Refuse a value outside a field's declared choices, naming the field and value."""
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            if choices and getattr(self, field.name) not in choices:
+                raise ParameterError(
+                    f"{field.name} must be one of {choices}, got {getattr(self, field.name)!r}")
+
+
+@documented
+@dataclass(frozen=True)
+class AudioConfig(Config):
+    """How songs become mu-law codes. Saved in every dataset manifest and checkpoint.
+
+    MQ resampling keeps 16-bit precision (about 96 dB), far beyond the roughly 40 dB that
+    8-bit mu-law codes can hold, and ran 27% faster than HQ on real songs here.
+    """
+
+    sample_rate: int = setting(16000, "target sample rate in Hz after resampling")
+    mu: int = setting(255, "mu-law companding constant; codes are unsigned 0..mu", cli=False)
+    quantization: str = setting("mulaw-u8", "name of the code convention, pinned by "
+                                "tests/reference.py", cli=False)
+    trim_db: float = setting(40.0, "trim leading and trailing audio this many dB below the "
+                             "song's own peak (relative, so a quiet song is not dropped)")
+    silence_floor_db: float = setting(-80.0, "reject a song whose peak stays below this level "
+                                      "(dBFS) as silent", cli=False)
+    min_seconds: float = setting(1.0, "reject songs shorter than this after trimming")
+    resample_quality: str = setting("MQ", "soxr resampling quality", flag="--quality",
+                                    choices=RESAMPLE_QUALITIES)
 
     def __post_init__(self) -> None:
         if not 1000 <= self.sample_rate <= 384000:
@@ -54,24 +119,4 @@ class AudioConfig:
             raise ParameterError(f"trim_db must be positive, got {self.trim_db}")
         if self.min_seconds < 0:
             raise ParameterError(f"min_seconds must be >= 0, got {self.min_seconds}")
-        if self.resample_quality not in {"VHQ", "HQ", "MQ", "LQ", "QQ"}:
-            raise ParameterError(f"unknown resample_quality {self.resample_quality!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AudioConfig:
-        return from_dict(cls, data)
-
-
-def from_dict(cls: type, data: dict[str, Any]):
-    """Build a frozen config dataclass from a dict, refusing keys it does not know."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ParameterError(
-            f"{cls.__name__} does not know the key(s) {sorted(unknown)}; "
-            f"known keys: {sorted(known)}"
-        )
-    return cls(**data)
+        self.check_choices()

@@ -22,6 +22,7 @@ import numpy as np
 
 from rainforest import storage
 from rainforest.config import AudioConfig
+from rainforest.documents import check_format, read_document
 from rainforest.errors import DatasetFormatError, ParameterError
 from rainforest.kernels import cut_windows, random_window_starts, strided_window_starts
 
@@ -39,20 +40,13 @@ def shard_name(number: int) -> str:
     return f"part-{number:05d}"
 
 
-def check_header(data: Any, expected_format: str, where: str) -> None:
-    """Refuse a JSON document of another format or an unknown version, with a clear error."""
-    if not isinstance(data, dict) or data.get("format") != expected_format:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise DatasetFormatError(
-            f"{where} is not a rainforest file of kind {expected_format!r} (found {found!r}); "
-            "is this path a rainforest dataset?"
-        )
-    version = data.get("version")
-    if version != VERSION:
-        raise DatasetFormatError(
-            f"{where} has format version {version!r}, but this rainforest reads version "
-            f"{VERSION}; upgrade rainforest or re-run `rainforest preprocess` into a new folder"
-        )
+_ADVICE = "upgrade rainforest or re-run `rainforest preprocess` into a new folder"
+
+
+def check_header(data: Any, expected_format: str, where: str) -> dict[str, Any]:
+    """Refuse a dataset document of another format or an unknown version, with a clear error."""
+    return check_format(data, kind=expected_format, version=VERSION, where=where,
+                        error=DatasetFormatError, advice=_ADVICE)
 
 
 def read_manifest(url: str) -> dict[str, Any]:
@@ -63,18 +57,11 @@ def read_manifest(url: str) -> dict[str, Any]:
     DatasetFormatError
         If the manifest is missing, not JSON, foreign, or of an unknown version.
     """
-    manifest_url = storage.join(url, MANIFEST_NAME)
-    if not storage.exists(manifest_url):
-        raise DatasetFormatError(
-            f"no {MANIFEST_NAME} at {url}: not a rainforest dataset, or its preprocessing has "
-            f"not finished; run `rainforest preprocess SONGS --out {url}`"
-        )
-    try:
-        data = storage.read_json(manifest_url)
-    except ValueError as error:
-        raise DatasetFormatError(f"{manifest_url} is not valid JSON: {error}") from None
-    check_header(data, MANIFEST_FORMAT, manifest_url)
-    return data
+    return read_document(
+        storage.join(url, MANIFEST_NAME), kind=MANIFEST_FORMAT, version=VERSION,
+        error=DatasetFormatError, advice=_ADVICE,
+        missing=f"no {MANIFEST_NAME} at {url}: not a rainforest dataset, or its preprocessing "
+                f"has not finished; run `rainforest preprocess SONGS --out {url}`")
 
 
 @dataclass(frozen=True)
@@ -124,6 +111,16 @@ class Dataset:
         return int(self.manifest["samples"])
 
     @property
+    def labels(self) -> tuple[str, ...]:
+        """The distinct song labels (genre, artist, ...), sorted; empty if there are none."""
+        return tuple(sorted({s.label for s in self.songs if s.label is not None}))
+
+    @property
+    def unlabelled(self) -> list[Song]:
+        """The songs without a label."""
+        return [s for s in self.songs if s.label is None]
+
+    @property
     def hours(self) -> float:
         return self.samples / self.audio.sample_rate / 3600.0
 
@@ -158,13 +155,11 @@ class Dataset:
         os.makedirs(cache, exist_ok=True)
         path = os.path.join(cache, f"{shard['sha256']}.npy")
         if not os.path.exists(path):
-            staging = storage.local_staging_path(path)
             fs, remote_path = storage.filesystem(url)
-            fs.get_file(remote_path, staging)
-            if storage.sha256_of(staging) != shard["sha256"]:
-                os.remove(staging)
-                raise DatasetFormatError(f"{url} does not match the sha256 in the manifest")
-            os.replace(staging, path)
+            with storage.Staged(path) as staging:
+                fs.get_file(remote_path, staging)
+                if storage.sha256_of(staging) != shard["sha256"]:
+                    raise DatasetFormatError(f"{url} does not match the sha256 in the manifest")
         return path
 
 
@@ -202,9 +197,6 @@ def summary(url: str) -> dict[str, Any]:
 
 
 # --- Training input: song splits, per-rank shares and deterministic windows -----------------
-
-_GOLDEN = 0x9E3779B97F4A7C15  # the splitmix64 increment used by kernels.random_window_starts
-
 
 def split_songs(songs: list[Song], *, validation_fraction: float) -> tuple[list[Song], list[Song]]:
     """Split songs into (training, validation) by a hash of the song id.
@@ -317,10 +309,9 @@ class WindowSampler:
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``(batch_size, window)`` uint8 windows and int32 song labels of ``step``."""
         epoch, within = divmod(int(step), self.steps_per_epoch)
-        epoch_seed = _derive_seed(self.seed, self.rank, epoch)
-        seed = (epoch_seed + within * self.batch_size * _GOLDEN) % 2**64
-        starts = random_window_starts(self.virtual_offsets, self.lengths,
-                                            window=self.window, count=self.batch_size, seed=seed)
+        starts = random_window_starts(
+            self.virtual_offsets, self.lengths, window=self.window, count=self.batch_size,
+            seed=_derive_seed(self.seed, self.rank, epoch), skip=within * self.batch_size)
         which = np.searchsorted(self.virtual_offsets, starts, side="right") - 1
         return self._cut(which, starts - self.virtual_offsets[which]), self.labels[which]
 

@@ -2,10 +2,10 @@
 
 The steps:
 
-1. :func:`export_weights` reads a checkpoint's ``config.json`` and ``model.weights.h5`` with
+1. :func:`load_network` reads a checkpoint's ``config.json`` and ``model.weights.h5`` with
    h5py alone (no TensorFlow: generation machines may not have it) and lays the weights out
-   as the float32 arrays of :class:`~rainforest.kernels.generate.FusedNetwork`. Shapes come
-   from the checkpoint's own model config (:func:`rainforest.model.weight_layout`).
+   as the float32 arrays of :class:`~rainforest.kernels.fused_loop.FusedNetwork`. Shapes come
+   from the checkpoint's own model config (:func:`rainforest.model_config.weight_layout`).
 2. :func:`prime_state` fills every layer's ring buffer from one batched numpy forward pass
    over the last receptive field of the prime (silence when there is none).
 3. :func:`generate` runs the loop in chunks of about a tenth of a second of audio, so a
@@ -16,7 +16,6 @@ The steps:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import threading
@@ -27,17 +26,13 @@ from typing import Any
 import numpy as np
 
 from rainforest import checkpoint, storage
-from rainforest.config import AudioConfig
+from rainforest.audio import encode_song
+from rainforest.config import AudioConfig, Config, documented, setting
 from rainforest.errors import AudioDecodeError, CheckpointError, ParameterError
-from rainforest.kernels import (
-    mulaw_decode,
-    mulaw_encode,
-    peak_amplitude,
-    relative_threshold,
-    trim_bounds,
-)
-from rainforest.kernels.generate import FusedNetwork, StreamState, generate_codes
-from rainforest.model import ModelConfig, block_name, weight_layout
+from rainforest.kernels import mulaw_decode
+from rainforest.kernels.fused_loop import FusedNetwork, StreamState, generate_codes
+from rainforest.model_config import ModelConfig, block_name, weight_layout
+from rainforest.plots import png_figure
 
 
 def silence_code(classes: int) -> int:
@@ -48,19 +43,25 @@ def silence_code(classes: int) -> int:
 
 #: Audio generated per kernel call: short enough for a live progress bar and a prompt Ctrl-C.
 CHUNK_SECONDS = 0.1
+GENERATION_NAME = "generation.json"
 
 
+@documented
 @dataclass(frozen=True)
-class GenerationConfig:
-    """The settings of one ``rainforest generate`` call, saved as ``generation.json``."""
+class GenerationConfig(Config):
+    """The settings of one ``rainforest generate`` call, saved in ``generation.json``."""
 
-    seconds: float = 4.0
-    streams: int = 1
-    temperature: float = 1.0
-    seed: int = 0
-    label: str | None = None
-    prime: str | None = None
-    threads: int = 1
+    seconds: float = setting(4.0, "seconds of audio per stream")
+    streams: int = setting(1, "independent songs generated at once (batched: far more "
+                           "samples/s)")
+    temperature: float = setting(1.0, "softmax temperature: <1 safer, >1 wilder, 0 always "
+                                 "the likeliest code")
+    seed: int = setting(0, "random seed; each stream draws from its own generator")
+    label: str | None = setting(None, "for a model trained with --condition: which label "
+                                "(e.g. genre or artist) to generate")
+    prime: str | None = setting(None, "a song to continue: decoded and encoded like the "
+                                "training data, its last receptive field primes every stream")
+    threads: int = setting(1, "CPU threads; streams are shared among them")
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.seconds) and self.seconds > 0):
@@ -74,13 +75,10 @@ class GenerationConfig:
         if self.threads < 1:
             raise ParameterError(f"--threads must be >= 1, got {self.threads}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class Checkpoint:
-    """What generation needs from a checkpoint."""
+class TrainedNetwork:
+    """A checkpoint's network, laid out for the fused loop, with the configs it was saved with."""
 
     folder: str
     step: int
@@ -168,7 +166,7 @@ def fuse(weights: dict[str, np.ndarray], config: ModelConfig) -> FusedNetwork:
     )
 
 
-def export_weights(run: str) -> Checkpoint:
+def load_network(run: str) -> TrainedNetwork:
     """The newest checkpoint of ``run`` (or the checkpoint folder ``run``), fused for the loop.
 
     Raises
@@ -187,7 +185,7 @@ def export_weights(run: str) -> Checkpoint:
         raise CheckpointError(f"{folder}/config.json has no usable model/audio config: "
                               f"{error}") from None
     weights = read_weights(os.path.join(folder, checkpoint.WEIGHTS_NAME), model)
-    return Checkpoint(folder, int(document["step"]), model, audio, fuse(weights, model))
+    return TrainedNetwork(folder, int(document["step"]), model, audio, fuse(weights, model))
 
 
 def stream_gate_bias(network: FusedNetwork, label_ids) -> np.ndarray:
@@ -281,22 +279,18 @@ def stream_seeds(seed: int, streams: int) -> list[int]:
 
 
 def prime_codes(path: str, audio: AudioConfig, receptive: int) -> np.ndarray:
-    """The last receptive field of a prime song's codes, preprocessed like training data."""
-    from rainforest.audio import decode_mono
-
+    """The last receptive field of a prime song's codes, made by the training data's chain."""
     if not os.path.exists(path):
         raise ParameterError(f"--prime {path} does not exist")
-    try:
-        samples = decode_mono(path, sample_rate=audio.sample_rate,
-                              quality=audio.resample_quality)
+    chunks: list[np.ndarray] = []
+    try:  # any length will do for a prime, so no minimum
+        encode_song(path, dataclasses.replace(audio, min_seconds=0.0), chunks)
     except AudioDecodeError as error:
         raise ParameterError(f"--prime {path} cannot be decoded: {error}") from None
-    codes = mulaw_encode(samples)
-    peak = peak_amplitude(codes)
-    start, stop = trim_bounds(codes, threshold=relative_threshold(peak, audio.trim_db))
-    if stop - start < 2:
+    codes = np.concatenate(chunks) if chunks else np.empty(0, np.uint8)
+    if codes.shape[0] < 2:
         raise ParameterError(f"--prime {path} holds no audible audio to continue from")
-    return codes[max(start, stop - receptive):stop]
+    return codes[-receptive:]
 
 
 def generate_threaded(network: FusedNetwork, states: list[StreamState], steps: int,
@@ -321,18 +315,17 @@ def generate_threaded(network: FusedNetwork, states: list[StreamState], steps: i
 
 def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool = True
                   ) -> list[str]:
-    """One 16-bit wav (and spectrogram PNG) per stream, each written to a temporary name and
-    renamed."""
+    """One 16-bit wav (and spectrogram PNG) per stream, each committed whole."""
     import soundfile
 
     os.makedirs(out, exist_ok=True)
     paths = []
     for stream, stream_codes in enumerate(codes):
         path = os.path.join(out, f"stream-{stream:03d}.wav")
-        staging = os.path.join(out, f"{storage.TEMP_MARKER}stream-{stream:03d}.wav")
         samples = mulaw_decode(stream_codes)
-        soundfile.write(staging, samples, audio.sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(staging, path)
+        with storage.Staged(path) as staging:
+            soundfile.write(staging, samples, audio.sample_rate, subtype="PCM_16",
+                            format="WAV")
         paths.append(path)
         if plot and samples.shape[0] >= 256:
             _spectrogram(samples, audio.sample_rate, path[:-4] + ".png")
@@ -340,21 +333,50 @@ def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool
 
 
 def _spectrogram(samples: np.ndarray, rate: int, path: str) -> None:
-    import matplotlib
+    with png_figure(path, size=(8, 3.5)) as axis:
+        axis.specgram(samples, NFFT=512, Fs=rate, noverlap=384, cmap="magma")
+        axis.set_xlabel("time (s)")
+        axis.set_ylabel("frequency (Hz)")
+        axis.set_title(os.path.basename(path)[:-4])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 3.5), dpi=100)
-    axis.specgram(samples, NFFT=512, Fs=rate, noverlap=384, cmap="magma")
-    axis.set_xlabel("time (s)")
-    axis.set_ylabel("frequency (Hz)")
-    axis.set_title(os.path.basename(path)[:-4])
-    figure.tight_layout()
-    staging = os.path.join(os.path.dirname(path), storage.TEMP_MARKER + os.path.basename(path))
-    figure.savefig(staging, format="png")
-    plt.close(figure)
-    os.replace(staging, path)
+def stream_label_ids(model: ModelConfig, label: str | None, streams: int) -> list[int]:
+    """Each stream's label id for ``--label``, with an error that lists the model's labels."""
+    if not model.conditioned:
+        if label is not None:
+            raise ParameterError(
+                f"--label {label!r} given, but this model was trained without labels")
+        return [0] * streams
+    if label is None:
+        raise ParameterError(
+            f"this model is conditioned on labels; pass --label with one of: "
+            f"{', '.join(model.labels)}")
+    if label not in model.labels:
+        raise ParameterError(
+            f"unknown --label {label!r}; this model knows: {', '.join(model.labels)}")
+    return [model.labels.index(label)] * streams
+
+
+def _generate_chunks(network: FusedNetwork, states: list[StreamState], total: int, *,
+                     chunk: int, temperature: float, bar) -> tuple[np.ndarray, bool]:
+    """Run the loop ``chunk`` samples at a time up to ``total``; Ctrl-C keeps finished chunks.
+
+    Returns the codes (streams, samples generated) and whether it was interrupted.
+    """
+    chunks: list[np.ndarray] = []
+    done, interrupted = 0, False
+    try:
+        while done < total:
+            steps = min(chunk, total - done)
+            chunks.append(np.concatenate(
+                generate_threaded(network, states, steps, temperature)))
+            done += steps
+            bar.update(steps)
+    except KeyboardInterrupt:  # the chunk under way is dropped; finished ones are kept
+        interrupted = True
+    streams = sum(state.streams for state in states)
+    codes = np.concatenate(chunks, axis=1) if chunks else np.empty((streams, 0), np.uint8)
+    return codes, interrupted
 
 
 def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = True,
@@ -364,61 +386,35 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
     Ctrl-C stops after the current chunk (a tenth of a second of audio) and still writes
     what was generated. Returns a summary (paths, samples, samples per second, interrupted).
     """
-    source = export_weights(run)
-    model, audio, network = source.model, source.audio, source.network
-    streams = config.streams
-    if model.conditioned:
-        if config.label is None:
-            raise ParameterError(
-                f"this model is conditioned on labels; pass --label with one of: "
-                f"{', '.join(model.labels)}")
-        if config.label not in model.labels:
-            raise ParameterError(
-                f"unknown --label {config.label!r}; this model knows: {', '.join(model.labels)}")
-        label_ids = [model.labels.index(config.label)] * streams
-    else:
-        if config.label is not None:
-            raise ParameterError(
-                f"--label {config.label!r} given, but this model was trained without labels")
-        label_ids = [0] * streams
-    rf = network.receptive_field
-    if config.prime:
-        prime = prime_codes(config.prime, audio, rf)
-        prime = np.broadcast_to(prime, (streams, prime.shape[0]))
-    else:
-        prime = np.empty((streams, 0), np.int64)
-    state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
-                        seeds=stream_seeds(config.seed, streams))
-    total = int(round(config.seconds * audio.sample_rate))
-    threads = min(config.threads, streams)
-    shares = np.array_split(np.arange(streams), threads)
-    states = [state.take(share) for share in shares]
-    chunks: list[list[np.ndarray]] = []
-    chunk = max(1, int(CHUNK_SECONDS * audio.sample_rate))
-    log(f"generating {streams} x {config.seconds:g} s at {audio.sample_rate} Hz from "
-        f"{source.folder} (step {source.step}, receptive field {rf} codes)")
-    done, interrupted = 0, False
-    started = time.perf_counter()
     from tqdm import tqdm
 
+    source = load_network(run)
+    audio, network, streams = source.audio, source.network, config.streams
+    label_ids = stream_label_ids(source.model, config.label, streams)
+    rf = network.receptive_field
+    prime = np.empty((streams, 0), np.int64)
+    if config.prime:
+        prime = np.broadcast_to(prime_codes(config.prime, audio, rf), (streams, rf))
+    state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
+                        seeds=stream_seeds(config.seed, streams))
+    shares = np.array_split(np.arange(streams), min(config.threads, streams))
+    states = [state.take(share) for share in shares]
+    total = int(round(config.seconds * audio.sample_rate))
+    log(f"generating {streams} x {config.seconds:g} s at {audio.sample_rate} Hz from "
+        f"{source.folder} (step {source.step}, receptive field {rf} codes)")
+    started = time.perf_counter()
     # Counted in samples, shown in seconds of audio (unit_scale multiplies for display).
     with tqdm(total=total, unit_scale=1.0 / audio.sample_rate, disable=not progress,
               dynamic_ncols=True, desc="generating",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio "
                          "[{elapsed}<{remaining}]") as bar:
-        try:
-            while done < total:
-                steps = min(chunk, total - done)
-                chunks.append(np.concatenate(
-                    generate_threaded(network, states, steps, config.temperature)))
-                done += steps
-                bar.update(steps)
-        except KeyboardInterrupt:  # the chunk under way is dropped; finished ones are kept
-            interrupted = True
-            done = sum(chunk.shape[1] for chunk in chunks)
-            log(f"interrupted: keeping the {done / audio.sample_rate:.2f} s generated so far")
+        codes, interrupted = _generate_chunks(
+            network, states, total, chunk=max(1, int(CHUNK_SECONDS * audio.sample_rate)),
+            temperature=config.temperature, bar=bar)
     elapsed = time.perf_counter() - started
-    codes = np.concatenate(chunks, axis=1) if chunks else np.empty((streams, 0), np.uint8)
+    done = codes.shape[1]
+    if interrupted:
+        log(f"interrupted: keeping the {done / audio.sample_rate:.2f} s generated so far")
     paths = write_outputs(codes, audio, out) if done else []
     summary = {
         "checkpoint": source.folder, "step": source.step, "settings": config.to_dict(),
@@ -429,6 +425,5 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
         "files": [os.path.basename(p) for p in paths],
     }
     if paths:
-        storage.write_bytes_atomic(os.path.join(out, "generation.json"),
-                                   json.dumps(summary, indent=2).encode() + b"\n")
+        storage.write_json_atomic(os.path.join(out, GENERATION_NAME), summary)
     return summary

@@ -17,18 +17,18 @@ A song that cannot be used is recorded with its reason; it never stops the run.
 
 from __future__ import annotations
 
-import math
 import os
 import posixpath
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from rainforest import storage
-from rainforest.audio import SongDecoder
+from rainforest.audio import encode_song
 from rainforest.config import AudioConfig
 from rainforest.dataset import (
     MANIFEST_FORMAT,
@@ -42,14 +42,12 @@ from rainforest.dataset import (
     shard_name,
 )
 from rainforest.errors import AudioDecodeError, ParameterError
-from rainforest.kernels import mulaw_encode, peak_amplitude, relative_threshold, trim_bounds
 
 #: Songs per shard unless told otherwise: small enough to spread a few dozen songs over a
 #: cluster, large enough that thousands of songs do not make thousands of files.
 SONGS_PER_SHARD = 8
 LABEL_MODES = ("none", "parent")
 
-_SPOOL_CHUNK = 1 << 22
 _NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place once the length is known
 
 
@@ -135,7 +133,8 @@ class ShardWriter:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.staging = storage.local_staging_path(url)
+        self._staged = storage.Staged(url)
+        self.staging = self._staged.path
         self.samples = 0
         self._file = open(self.staging, "w+b")
         self._file.write(_npy_header(0))
@@ -158,13 +157,12 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         size, digest = os.path.getsize(self.staging), storage.sha256_of(self.staging)
-        storage.commit_file(self.staging, self.url)
+        self._staged.commit()
         return size, digest
 
     def abort(self) -> None:
         self._file.close()
-        if os.path.exists(self.staging):
-            os.remove(self.staging)
+        self._staged.abort()
 
 
 def _npy_header(length: int) -> bytes:
@@ -172,86 +170,6 @@ def _npy_header(length: int) -> bytes:
     text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({length},), }}"
     text = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
-
-
-def _read_codes(spool, start: int, stop: int) -> np.ndarray:
-    spool.seek(start)
-    return np.frombuffer(spool.read(stop - start), dtype=np.uint8)
-
-
-def _loud_range(spool, length: int, threshold: float) -> tuple[int, int]:
-    """First and last loud sample of the spooled codes, scanning in chunks from each end."""
-    start = None
-    for chunk_start in range(0, length, _SPOOL_CHUNK):
-        chunk_stop = min(length, chunk_start + _SPOOL_CHUNK)
-        first, last = trim_bounds(_read_codes(spool, chunk_start, chunk_stop), threshold=threshold)
-        if last > 0:
-            start = chunk_start + first
-            break
-    if start is None:
-        return 0, 0
-    chunk_stop = length
-    while True:
-        chunk_start = max(start, chunk_stop - _SPOOL_CHUNK)
-        first, last = trim_bounds(_read_codes(spool, chunk_start, chunk_stop), threshold=threshold)
-        if last > 0:
-            return start, chunk_start + last
-        chunk_stop = chunk_start
-
-
-def encode_song(path: str, config: AudioConfig, writer: ShardWriter, spool_dir: str) -> dict:
-    """Decode, mix, resample, encode and trim one local song into ``writer``.
-
-    Returns the song's manifest fields (without its place in the shard).
-
-    Raises
-    ------
-    AudioDecodeError
-        If the song cannot be used; the message is the reason recorded in the manifest.
-    """
-    with SongDecoder(path, sample_rate=config.sample_rate,
-                     quality=config.resample_quality) as song, \
-            tempfile.TemporaryFile(dir=spool_dir) as spool:
-        peak, length = 0.0, 0
-        codes = np.empty(0, dtype=np.uint8)
-        for block in song.blocks():
-            if codes.shape[0] < block.shape[0]:
-                codes = np.empty(block.shape[0], dtype=np.uint8)
-            encoded = mulaw_encode(block, out=codes[: block.shape[0]])
-            peak = max(peak, peak_amplitude(encoded))
-            spool.write(encoded.tobytes())
-            length += encoded.shape[0]
-        if length == 0:
-            raise AudioDecodeError("no audio: the file decodes to 0 samples")
-        floor = 10.0 ** (config.silence_floor_db / 20.0)
-        if peak < floor:
-            level = 20 * math.log10(peak) if peak > 0 else -math.inf
-            raise AudioDecodeError(
-                f"silent: the loudest sample is {level:.1f} dBFS, below the "
-                f"{config.silence_floor_db:.0f} dBFS floor"
-            )
-        start, stop = _loud_range(spool, length, relative_threshold(peak, config.trim_db))
-        kept = stop - start
-        if kept < config.min_seconds * config.sample_rate:
-            raise AudioDecodeError(
-                f"too short: {kept / config.sample_rate:.3f} s of audio after trimming silence "
-                f"(at least {config.min_seconds:g} s needed)"
-            )
-        for chunk_start in range(start, stop, _SPOOL_CHUNK):
-            writer.append(_read_codes(spool, chunk_start, min(stop, chunk_start + _SPOOL_CHUNK)))
-        fields = {
-            "source_rate": song.source_rate,
-            "channels": song.channels,
-            "source_format": song.format,
-            "source_seconds": round(song.decoded_frames / song.source_rate, 6),
-            "trimmed_start": start,
-            "trimmed_end": length - stop,
-            "length": kept,
-            "seconds": round(kept / config.sample_rate, 6),
-        }
-        if song.truncation:
-            fields["note"] = song.truncation
-        return fields
 
 
 def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> dict[str, Any]:
@@ -268,7 +186,7 @@ def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> di
                 try:
                     local = storage.fetch_to_local(spec["source"], scratch)
                     try:
-                        fields = encode_song(local, config, writer, scratch)
+                        fields = encode_song(local, config, writer, spool_dir=scratch)
                     finally:
                         if local != spec["source"]:
                             os.remove(local)
@@ -383,7 +301,7 @@ def preprocess(
     config: AudioConfig | None = None,
     cluster: str = "local",
     songs_per_shard: int = SONGS_PER_SHARD,
-    labels: str = "none",
+    labels: str = LABEL_MODES[0],
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -440,37 +358,57 @@ def preprocess(
     with connect(cluster, quiet=not progress) as client:
         if client is not None:
             log(f"Dask dashboard: {client.dashboard_link}")
-        identified = _run_bag(client, identify, listed, description="identify",
-                              unit="song", progress=progress)
-        records = _completed_records(out)
-        done = {(s["source_sha256"], int(s["source_size"]))
-                for record in records.values() for s in record["songs"] + record["failed"]}
-        shards, duplicates = make_plan(
-            identified, done=done, completed_shards=set(records), old_plan=old_plan,
-            songs_per_shard=songs_per_shard, label_mode=labels,
-        )
-        storage.write_json_atomic(storage.join(out, PLAN_NAME), {
-            "format": PLAN_FORMAT, "version": VERSION, "audio": config.to_dict(),
-            "songs_per_shard": songs_per_shard, "shards": shards,
-        })
-        pending = [shard for shard in shards if shard["name"] not in records]
-        skipped = len({_identity(e) for e in identified if "sha256" in e} & done)
-        if skipped:
-            log(f"resuming: {skipped} song(s) already done, {len(pending)} shard(s) to go")
+        plan = _plan_run(client, listed, out, config, old_plan, songs_per_shard=songs_per_shard,
+                         labels=labels, progress=progress)
+        if plan.skipped:
+            log(f"resuming: {plan.skipped} song(s) already done, {len(plan.pending)} shard(s) "
+                "to go")
 
         def process(shard):
             return process_shard(shard, out=out, config=config)
 
-        new_records = _run_bag(client, process, pending, description="preprocess",
+        new_records = _run_bag(client, process, plan.pending, description="preprocess",
                                unit="shard", progress=progress)
-    for record in new_records:
-        records[record["name"]] = record
+    records = {**plan.records, **{record["name"]: record for record in new_records}}
     unreadable = [{"source": e["source"], "source_size": e["size"], "reason": e["reason"]}
-                  for e in identified if "reason" in e]
-    manifest = build_manifest(config, records, unreadable, duplicates)
+                  for e in plan.identified if "reason" in e]
+    manifest = build_manifest(config, records, unreadable, plan.duplicates)
     storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
+    return _summary(out, manifest, new_records, plan, time.perf_counter() - started)
 
-    elapsed = time.perf_counter() - started
+
+@dataclass
+class _RunPlan:
+    identified: list[dict[str, Any]]
+    records: dict[str, dict[str, Any]]  # shards already finished, by name
+    duplicates: list[dict[str, str]]
+    pending: list[dict[str, Any]]  # shards to build now
+    skipped: int  # songs already done by an earlier run
+
+
+def _plan_run(client, listed, out: str, config: AudioConfig, old_plan, *, songs_per_shard: int,
+              labels: str, progress: bool) -> _RunPlan:
+    """Identify every source on the cluster, then save the plan before any shard is built."""
+    identified = _run_bag(client, identify, listed, description="identify", unit="song",
+                          progress=progress)
+    records = _completed_records(out)
+    done = {(s["source_sha256"], int(s["source_size"]))
+            for record in records.values() for s in record["songs"] + record["failed"]}
+    shards, duplicates = make_plan(
+        identified, done=done, completed_shards=set(records), old_plan=old_plan,
+        songs_per_shard=songs_per_shard, label_mode=labels,
+    )
+    storage.write_json_atomic(storage.join(out, PLAN_NAME), {
+        "format": PLAN_FORMAT, "version": VERSION, "audio": config.to_dict(),
+        "songs_per_shard": songs_per_shard, "shards": shards,
+    })
+    pending = [shard for shard in shards if shard["name"] not in records]
+    skipped = len({_identity(e) for e in identified if "sha256" in e} & done)
+    return _RunPlan(identified, records, duplicates, pending, skipped)
+
+
+def _summary(out: str, manifest: dict[str, Any], new_records: list[dict[str, Any]],
+             plan: _RunPlan, elapsed: float) -> dict[str, Any]:
     processed_seconds = sum(s["source_seconds"] for r in new_records for s in r["songs"])
     return {
         "dataset": out,
@@ -478,13 +416,12 @@ def preprocess(
         "hours": manifest["seconds"] / 3600.0,
         "shards": len(manifest["shards"]),
         "failed": len(manifest["failed"]),
-        "duplicates": len(duplicates),
+        "duplicates": len(plan.duplicates),
         "processed_songs": sum(len(r["songs"]) + len(r["failed"]) for r in new_records),
-        "skipped_songs": skipped,
+        "skipped_songs": plan.skipped,
         "elapsed_seconds": elapsed,
         "realtime_factor": processed_seconds / elapsed if elapsed > 0 else 0.0,
     }
 
 
-__all__ = ["ShardWriter", "encode_song", "make_plan", "preprocess",
-           "process_shard"]
+__all__ = ["ShardWriter", "make_plan", "preprocess", "process_shard"]

@@ -18,12 +18,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import soundfile
 
+from rainforest import storage
 from rainforest.errors import ParameterError, RainforestError
 from rainforest.storage import TEMP_MARKER
 
@@ -184,7 +184,6 @@ def mp3_copies(paths: Iterable[str | os.PathLike], *, out_dir: str | os.PathLike
 def _mp3_copy(source: Path, target: Path) -> Path:
     if target.is_file():
         return target
-    staging = target.with_name(f".{target.name}{TEMP_MARKER}{uuid.uuid4().hex[:12]}")
     try:
         with soundfile.SoundFile(str(source)) as song:
             if song.samplerate not in MP3_RATES or song.channels not in (1, 2):
@@ -192,18 +191,14 @@ def _mp3_copy(source: Path, target: Path) -> Path:
                     f"{source}: mp3 needs 1 or 2 channels at one of {MP3_RATES} Hz, "
                     f"not {song.channels} channels at {song.samplerate} Hz"
                 )
-            with soundfile.SoundFile(str(staging), "w", samplerate=song.samplerate,
-                                     channels=song.channels, format="MP3",
-                                     subtype="MPEG_LAYER_III") as mp3:
+            with storage.Staged(str(target)) as staging, soundfile.SoundFile(
+                    staging, "w", samplerate=song.samplerate, channels=song.channels,
+                    format="MP3", subtype="MPEG_LAYER_III") as mp3:
                 for block in song.blocks(blocksize=_MP3_BLOCK_FRAMES, dtype="float32",
                                          always_2d=True):
                     mp3.write(block)
-        os.replace(staging, target)
     except soundfile.LibsndfileError as error:
         raise RainforestError(f"{source}: cannot convert to mp3 ({error})") from None
-    finally:
-        if staging.exists():
-            staging.unlink()
     return target
 
 

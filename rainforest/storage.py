@@ -1,8 +1,9 @@
 """Local paths and fsspec URLs (``s3://...``) behind one small interface.
 
-Writes are atomic: a local file is written under a temporary name in the same folder and then
-renamed; an object store gets the finished file in one upload (S3 shows an object only once
-its PUT or multipart upload completes). Nothing half-written ever carries a final name.
+Writes are atomic, all through :class:`Staged`: a local file is written under a temporary name
+in the same folder and then renamed; an object store gets the finished file in one upload (S3
+shows an object only once its PUT or multipart upload completes). Nothing half-written ever
+carries a final name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable
@@ -119,54 +121,74 @@ def dumps_json(data: Any) -> bytes:
     return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
+class Staged:
+    """A file (or folder) built under a temporary local name and published at ``url`` whole.
+
+    The one way rainforest writes anything a reader may see. Locally the staging path is a
+    hidden name beside ``url`` and :meth:`commit` is a rename on one filesystem (after an
+    fsync); for an object store it is a local temporary file and the commit is one upload,
+    since S3 shows an object only once its upload completes. :meth:`abort` removes it.
+    Used as a context manager it yields the staging path, commits on success and aborts on
+    any exception, Ctrl-C included::
+
+        with storage.Staged(url) as path:
+            write_the_file(path)
+    """
+
+    def __init__(self, url: str, *, folder: bool = False) -> None:
+        self.url, self.folder = url, folder
+        name = f".{posixpath.basename(url.rstrip('/'))}{TEMP_MARKER}{uuid.uuid4().hex[:12]}"
+        if is_remote(url):
+            directory = tempfile.gettempdir()
+        else:
+            directory = os.path.dirname(os.path.abspath(url))
+            os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, name)
+        if folder:
+            os.mkdir(self.path)
+
+    def commit(self) -> None:
+        try:
+            if is_remote(self.url):
+                fs, path = filesystem(self.url)
+                if self.folder:
+                    fs.put(self.path.rstrip("/") + "/", path, recursive=True)
+                else:
+                    fs.put_file(self.path, path)
+            elif self.folder:
+                if os.path.isdir(self.url):
+                    shutil.rmtree(self.url)
+                os.rename(self.path, self.url)
+            else:
+                _fsync(self.path)
+                os.replace(self.path, self.url)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            _remove_quietly(self.path)
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that ``url`` shows either its old content or all of the new."""
-    if is_remote(url):
-        fs, path = filesystem(url)
-        fs.pipe_file(path, data)
-        return
-    directory = os.path.dirname(url) or "."
-    os.makedirs(directory, exist_ok=True)
-    staging = local_staging_path(url)
-    try:
-        with open(staging, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, url)
-    except BaseException:
-        _remove_quietly(staging)
-        raise
+    with Staged(url) as path, open(path, "wb") as handle:
+        handle.write(data)
 
 
 def write_json_atomic(url: str, data: Any) -> None:
     write_bytes_atomic(url, dumps_json(data))
-
-
-def local_staging_path(url: str) -> str:
-    """Where to build the file for ``url`` before it is committed.
-
-    For a local target: a hidden temporary name beside it, so the commit is a rename on one
-    filesystem. For a remote target: a file in the local temporary directory.
-    """
-    name = f".{posixpath.basename(url)}{TEMP_MARKER}{uuid.uuid4().hex[:12]}"
-    if is_remote(url):
-        return os.path.join(tempfile.gettempdir(), name)
-    directory = os.path.dirname(url) or "."
-    os.makedirs(directory, exist_ok=True)
-    return os.path.join(directory, name)
-
-
-def commit_file(staging: str, url: str) -> None:
-    """Move a finished staging file to ``url``: a rename locally, one upload remotely."""
-    try:
-        if is_remote(url):
-            fs, path = filesystem(url)
-            fs.put_file(staging, path)
-        else:
-            os.replace(staging, url)
-    finally:
-        _remove_quietly(staging)
 
 
 def list_names(url: str) -> list[str]:
@@ -197,6 +219,14 @@ def fetch_to_local(url: str, directory: str) -> str:
     local = os.path.join(directory, uuid.uuid4().hex + os.path.splitext(path)[1])
     fs.get_file(path, local)
     return local
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _remove_quietly(path: str) -> None:

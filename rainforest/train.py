@@ -9,24 +9,26 @@ work with Keras 3).
 
 Learning rate: ``lr * size`` after a linear warm-up from ``lr`` (Goyal et al., "Accurate,
 Large Minibatch SGD", 2017, section 2.2), so step 0 uses the single-worker rate.
+
+Everything a resume needs is one :class:`TrainingState`: the configs, the step (which is also
+the data position, since windows are a pure function of it) and where the run resumed from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from rainforest import checkpoint, storage
-from rainforest.config import from_dict
+from rainforest.config import Config, documented, setting
 from rainforest.dataset import (
     Dataset,
     WindowSampler,
@@ -35,55 +37,44 @@ from rainforest.dataset import (
     validation_windows,
 )
 from rainforest.errors import CheckpointError, ParameterError
-from rainforest.model import ModelConfig, receptive_field
+from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
+from rainforest.runlog import RankZeroLog
 
 COMPILE_MODES = ("eager", "graph", "xla")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
+@documented
 @dataclass(frozen=True)
-class TrainConfig:
-    """How to train. Saved in every checkpoint next to the model and audio configs.
+class TrainConfig(Config):
+    """How to train. Saved in every checkpoint next to the model and audio configs."""
 
-    Parameters
-    ----------
-    steps
-        Total optimizer steps of the run (a resumed run continues to this number).
-    batch_size
-        Windows per step on each rank; the global batch is ``batch_size * ranks``.
-    target_length
-        Predicted codes per window; a window holds ``receptive_field + target_length`` codes.
-    learning_rate
-        Adam's rate for one rank; scaled by the number of ranks after ``warmup_steps``.
-    clip_norm
-        Gradients are clipped to this global norm (after averaging across ranks).
-    validation_fraction, validation_every, validation_windows
-        Share of songs held out (by song), how often to measure held-out bits per sample,
-        and how many fixed windows to measure it on (0 = never).
-    checkpoint_every, keep_checkpoints
-        Checkpoint period in steps (and always at the end), and how many to keep.
-    compile
-        ``"graph"`` (``tf.function``), ``"xla"`` (``jit_compile``) or ``"eager"``.
-    precision
-        ``"auto"`` (bfloat16 compute on a GPU, float32 on a CPU), ``"float32"`` or
-        ``"mixed_bfloat16"``.
-    """
-
-    steps: int = 1000
-    batch_size: int = 4
-    target_length: int = 4096
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    clip_norm: float = 1.0
-    validation_fraction: float = 0.1
-    validation_every: int = 100
-    validation_windows: int = 64
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    seed: int = 0
-    compile: str = "graph"
-    precision: str = "auto"
-    log_every: int = 10
+    steps: int = setting(1000, "total optimizer steps of the run (a resumed run continues to "
+                         "this number)")
+    batch_size: int = setting(4, "windows per step on each rank; the global batch is "
+                              "batch_size x ranks")
+    target_length: int = setting(4096, "predicted codes per window (a window is the receptive "
+                                 "field + this)")
+    learning_rate: float = setting(1e-3, "Adam learning rate of one rank; scaled by the number "
+                                   "of ranks after the warm-up", flag="--lr")
+    warmup_steps: int = setting(100, "steps of linear learning-rate warm-up")
+    clip_norm: float = setting(1.0, "clip gradients to this global norm (after averaging "
+                               "across ranks)")
+    validation_fraction: float = setting(0.1, "share of songs held out for validation, by song "
+                                         "(0: none)", flag="--val-fraction")
+    validation_every: int = setting(100, "measure held-out bits per sample every N steps",
+                                    flag="--val-every")
+    validation_windows: int = setting(64, "fixed held-out windows to measure on (0: never)",
+                                      flag="--val-windows")
+    checkpoint_every: int = setting(500, "checkpoint period in steps (there is always one at "
+                                    "the end)")
+    keep_checkpoints: int = setting(3, "checkpoints kept", flag="--keep")
+    seed: int = setting(0, "seed of the weights and of the data order")
+    compile: str = setting("graph", "eager, tf.function graph, or XLA (jit_compile) steps",
+                           choices=COMPILE_MODES)
+    precision: str = setting("auto", "auto: bfloat16 compute on a GPU, float32 on a CPU",
+                             choices=PRECISIONS)
+    log_every: int = setting(10, "metrics period in steps")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "target_length", "checkpoint_every",
@@ -98,23 +89,28 @@ class TrainConfig:
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ParameterError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.compile not in COMPILE_MODES:
-            raise ParameterError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if self.precision not in PRECISIONS:
-            raise ParameterError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return from_dict(cls, data)
+        self.check_choices()
 
 
 def learning_rate_at(step: int, config: TrainConfig, size: int) -> float:
     """Linear warm-up from the one-rank rate to ``size`` times it, then constant."""
     ramp = 1.0 if config.warmup_steps == 0 else min(1.0, step / config.warmup_steps)
     return config.learning_rate * (1.0 + (size - 1) * ramp)
+
+
+def split_window(windows, receptive):
+    """Inputs and targets of ``(batch, receptive + T)`` windows: all but the last code,
+    and the ``T`` codes each output position predicts."""
+    return windows[:, :-1], windows[:, receptive:]
+
+
+def nll_nats(logits, targets):
+    """Mean negative log-likelihood in nats per target code."""
+    import tensorflow as tf
+
+    targets = tf.cast(targets, tf.int32)
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
 
 
 def init_horovod():
@@ -150,8 +146,7 @@ class Trainer:
         import keras
         import tensorflow as tf
 
-        from rainforest.layers import nll_nats, split_window
-        from rainforest.model import build_model
+        from rainforest.network import build_model
 
         self.hvd, self.config, self.model_config = hvd, config, model_config
         self.size = hvd.size()
@@ -275,10 +270,6 @@ class _StopFlag:
         signal.signal(signal.SIGINT, handler)
 
 
-def _label_ids(model_config: ModelConfig) -> dict[str, int] | None:
-    return {name: i for i, name in enumerate(model_config.labels)} or None
-
-
 def check_fit(dataset: Dataset, model_config: ModelConfig) -> None:
     """Refuse a model config that does not fit the dataset, before any heavy work."""
     classes = dataset.audio.mu + 1
@@ -298,119 +289,212 @@ def check_fit(dataset: Dataset, model_config: ModelConfig) -> None:
             )
 
 
-def dataset_labels(dataset: Dataset) -> tuple[str, ...]:
-    """The sorted distinct song labels, for ``--condition``; an error if songs lack labels."""
-    unlabelled = [s.source for s in dataset.songs if s.label is None]
+@dataclass
+class TrainingState:
+    """Everything a resume needs, in one object: the configs, the step and where it came from.
+
+    ``step`` is the next optimizer step and also the data position: the windows of a step are
+    a pure function of it (see :class:`~rainforest.dataset.WindowSampler`). ``data`` names the
+    data the run reads (dataset, manifest sha256, seed, ranks, steps per epoch). The weights
+    and optimizer slots live in the :class:`Trainer`; this object is what a checkpoint's
+    ``config.json`` records beside them.
+    """
+
+    model: ModelConfig
+    train: TrainConfig
+    step: int = 0
+    resumed_from: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str) -> TrainingState:
+        """The state saved in checkpoint ``folder``, after checking every file's sha256."""
+        saved = checkpoint.read_config(folder)
+        checkpoint.verify(folder, saved)
+        data = dict(saved["data"])
+        step = int(data.pop("next_step"))
+        return cls(model=ModelConfig.from_dict(saved["model"]),
+                   train=TrainConfig.from_dict(saved["train"]), step=step,
+                   resumed_from=folder, data=data)
+
+    def to_document(self, *, audio, metrics: dict[str, float], size: int) -> dict[str, Any]:
+        """The checkpoint's ``config.json`` content (the format header is added on write)."""
+        return {"model": self.model.to_dict(), "audio": audio.to_dict(),
+                "train": self.train.to_dict(),
+                "optimizer": {"name": "adam", "file": checkpoint.OPTIMIZER_NAME,
+                              "learning_rate": learning_rate_at(self.step, self.train, size)},
+                "data": {**self.data, "next_step": self.step},
+                "metrics": dict(metrics)}
+
+
+def labels_for_conditioning(dataset: Dataset) -> tuple[str, ...]:
+    """The dataset's labels, for ``--condition``; an error if some songs have none."""
+    unlabelled = dataset.unlabelled
     if unlabelled:
         raise ParameterError(
             f"--condition needs a label on every song, but {len(unlabelled)} song(s) have none "
-            f"(e.g. {unlabelled[0]}); preprocess with `--labels parent` to label songs by folder"
+            f"(e.g. {unlabelled[0].source}); preprocess with `--labels parent` to label songs "
+            "by folder"
         )
-    return tuple(sorted({str(s.label) for s in dataset.songs}))
+    return dataset.labels
+
+
+def _differences(saved: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+    return [f"{name}={value!r} (the run has {saved[name]!r})"
+            for name, value in sorted(asked.items()) if saved.get(name) != value]
+
+
+def start_state(run: str, dataset: Dataset, *, model_config: ModelConfig | None,
+                config: TrainConfig | None, overrides: Mapping[str, Any], resume: bool,
+                condition: bool, log) -> TrainingState:
+    """Decide where training starts: a new run, or the latest checkpoint of ``run``.
+
+    A new run takes ``config`` (default ``TrainConfig()``) with ``overrides`` applied. A resume
+    keeps the saved configs and takes only ``steps`` from what was asked; any other setting
+    asked for that differs from the saved run is named in a warning.
+    """
+    existing = checkpoint.list_checkpoints(run)
+    if not resume:
+        if existing:
+            raise ParameterError(
+                f"run folder {run} already holds {len(existing)} checkpoint(s); pass --resume "
+                "to continue it, or choose a new --run folder")
+        model = model_config or ModelConfig()
+        if condition:
+            model = dataclasses.replace(model, labels=labels_for_conditioning(dataset))
+        train = dataclasses.replace(config or TrainConfig(), **overrides)
+        return TrainingState(model=model, train=train)
+    state = TrainingState.from_checkpoint(checkpoint.latest(run))
+    asked = {**(config.to_dict() if config else {}), **overrides}
+    ignored = _differences(state.train.to_dict(), {k: v for k, v in asked.items()
+                                                   if k != "steps"})
+    if model_config is not None and model_config != state.model:
+        ignored += _differences(state.model.to_dict(), model_config.to_dict())
+    if ignored:
+        log(f"warning: --resume keeps the settings {state.resumed_from} was trained with; "
+            f"ignoring {', '.join(ignored)}. Start a new --run to change them")
+    if "steps" in asked:
+        state.train = dataclasses.replace(state.train, steps=asked["steps"])
+    return state
+
+
+def _check_resume(state: TrainingState, dataset: Dataset, manifest_digest: str, size: int,
+                  log) -> None:
+    if state.step >= state.train.steps:
+        raise ParameterError(
+            f"{state.resumed_from} is already at step {state.step}; pass a larger --steps to "
+            "go on")
+    if state.data["dataset_manifest_sha256"] != manifest_digest:
+        raise ParameterError(
+            f"{state.resumed_from} was trained on a different dataset (manifest sha256 "
+            f"{state.data['dataset_manifest_sha256'][:12]}...); resume with the same "
+            "dataset or start a new --run")
+    if state.data["ranks"] != size:
+        log(f"note: the checkpoint was written by {state.data['ranks']} rank(s) and this run "
+            f"has {size}; training continues, but the data order differs from an "
+            "uninterrupted run")
+
+
+@dataclass
+class TrainingInput:
+    """One rank's training windows and its part of the fixed held-out windows."""
+
+    sampler: WindowSampler
+    training_songs: int
+    held_out_songs: int
+    validation: tuple[np.ndarray, np.ndarray] | None
+
+
+def training_input(dataset: Dataset, state: TrainingState, *, rank: int,
+                   size: int) -> TrainingInput:
+    """Split the songs, give this rank its share, and cut its held-out windows."""
+    model, config = state.model, state.train
+    window = receptive_field(model) + config.target_length
+    training, held_out = split_songs(dataset.songs,
+                                     validation_fraction=config.validation_fraction)
+    label_ids = {name: i for i, name in enumerate(model.labels)} or None
+    sampler = WindowSampler(dataset, rank_share(training, rank=rank, size=size),
+                            window=window, target_length=config.target_length,
+                            batch_size=config.batch_size, seed=config.seed, rank=rank,
+                            label_ids=label_ids)
+    validation = None
+    if held_out and config.validation_windows > 0 and config.validation_every > 0:
+        validation = validation_windows(dataset, held_out, window=window,
+                                        count=config.validation_windows, rank=rank, size=size,
+                                        label_ids=label_ids)
+    return TrainingInput(sampler, len(training), len(held_out), validation)
 
 
 def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None,
-          config: TrainConfig | None = None, resume: bool = False,
+          config: TrainConfig | None = None, overrides: Mapping[str, Any] | None = None,
+          resume: bool = False, condition: bool = False,
           time_limit_minutes: float | None = None,
           progress: bool = True, log=print) -> dict[str, Any]:
     """Train a WaveNet on a dataset; every rank calls this (see ``rainforest train --help``).
 
-    ``time_limit_minutes`` stops the run cleanly, with a checkpoint, once that much wall time
-    has passed since the first step (useful inside a Slurm time limit).
+    ``condition`` conditions a new model on the dataset's labels. ``overrides`` are settings
+    asked for by name (the command line's); on ``resume`` only ``steps`` is taken from them
+    and from ``config``. ``time_limit_minutes`` stops the run cleanly, with a checkpoint, once
+    that much wall time has passed since the first step (useful inside a Slurm time limit).
 
     Returns a summary on every rank: final step, last losses, held-out bits per sample.
     """
     hvd = init_horovod()
     rank, size = hvd.rank(), hvd.size()
+    say = log if rank == 0 else (lambda line: None)
     dataset = Dataset(dataset_url)
     manifest_digest = storage.sha256_of(storage.join(dataset.url, "manifest.json"))
-    start_step, resumed_from = 0, None
-    existing = checkpoint.list_checkpoints(run)
-    if resume:
-        resumed_from = checkpoint.latest(run)
-        saved = checkpoint.read_config(resumed_from)
-        checkpoint.verify(resumed_from, saved)
-        model_config = ModelConfig.from_dict(saved["model"])
-        saved_train = TrainConfig.from_dict(saved["train"])
-        config = dataclasses.replace(saved_train, steps=(config or saved_train).steps)
-        start_step = int(saved["data"]["next_step"])
-        if saved["data"]["dataset_manifest_sha256"] != manifest_digest:
-            raise ParameterError(
-                f"{resumed_from} was trained on a different dataset (manifest sha256 "
-                f"{saved['data']['dataset_manifest_sha256'][:12]}...); resume with the same "
-                "dataset or start a new --run"
-            )
-        if saved["data"]["ranks"] != size and rank == 0:
-            log(f"note: the checkpoint was written by {saved['data']['ranks']} rank(s) and this "
-                f"run has {size}; training continues, but the data order differs from an "
-                "uninterrupted run")
-    elif existing:
-        raise ParameterError(
-            f"run folder {run} already holds {len(existing)} checkpoint(s); pass --resume to "
-            "continue it, or choose a new --run folder"
-        )
-    model_config = model_config or ModelConfig()
-    config = config or TrainConfig()
-    check_fit(dataset, model_config)
-    receptive = receptive_field(model_config)
-    window = receptive + config.target_length
-    training_songs, held_out = split_songs(dataset.songs,
-                                           validation_fraction=config.validation_fraction)
-    label_ids = _label_ids(model_config)
-    sampler = WindowSampler(dataset, rank_share(training_songs, rank=rank, size=size),
-                            window=window, target_length=config.target_length,
-                            batch_size=config.batch_size, seed=config.seed, rank=rank,
-                            label_ids=label_ids)
-    validate = bool(held_out) and config.validation_windows > 0 and config.validation_every > 0
-    if validate:
-        val_windows, val_labels = validation_windows(
-            dataset, held_out, window=window, count=config.validation_windows, rank=rank,
-            size=size, label_ids=label_ids)
-    if start_step >= config.steps:
-        raise ParameterError(
-            f"{resumed_from} is already at step {start_step}; pass a larger --steps to go on")
+    state = start_state(run, dataset, model_config=model_config, config=config,
+                        overrides=overrides or {}, resume=resume, condition=condition, log=say)
+    if state.resumed_from:
+        _check_resume(state, dataset, manifest_digest, size, say)
+    check_fit(dataset, state.model)
+    data = training_input(dataset, state, rank=rank, size=size)
+    state.data = {"seed": state.train.seed, "ranks": size, "dataset": dataset.url,
+                  "dataset_manifest_sha256": manifest_digest,
+                  "steps_per_epoch": data.sampler.steps_per_epoch}
+    trainer = Trainer(state.model, state.train, hvd)
+    if state.resumed_from:
+        trainer.load(state.resumed_from)
+    writer = RankZeroLog(run, rank, progress=progress, log=log)
+    unigram = None
+    if data.validation is not None:
+        unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
+    say(_banner(dataset, state, size, data))
+    deadline = None if time_limit_minutes is None else time.monotonic() + 60 * time_limit_minutes
+    stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
+                                 deadline=deadline, audio=dataset.audio, run=run)
+    writer.finish(state.step, stopped_by)
+    return {"step": state.step, "stopped_by": stopped_by, "validation_bits": val_bits,
+            "unigram_bits": unigram, "rank": rank, "ranks": size, "last": writer.last}
 
-    trainer = Trainer(model_config, config, hvd)
-    if resumed_from:
-        trainer.load(resumed_from)
-    writer = _RankZeroLog(run, rank, progress=progress, log=log)
+
+def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: RankZeroLog,
+          *, unigram: float | None, deadline: float | None, audio, run: str
+          ) -> tuple[str, float]:
+    """Train from ``state.step`` to the last step or a stop; returns (stopped by, bits)."""
+    config, size = state.train, trainer.size
     stop = _StopFlag()
     stop.install()
-    unigram = None
-    if validate:
-        unigram = _unigram_bits(val_windows[:, receptive:], hvd)
-    if rank == 0:
-        log(_banner(dataset, model_config, config, size, len(training_songs), len(held_out),
-                    start_step, resumed_from))
-    data_position = {"seed": config.seed, "ranks": size, "dataset": dataset.url,
-                     "dataset_manifest_sha256": manifest_digest,
-                     "steps_per_epoch": sampler.steps_per_epoch}
 
-    def save(step: int) -> None:
-        if rank != 0:  # Horovod: 7. only rank 0 writes checkpoints
-            return
-        document = {"model": model_config.to_dict(), "audio": dataset.audio.to_dict(),
-                    "train": config.to_dict(),
-                    "optimizer": {"name": "adam", "file": checkpoint.OPTIMIZER_NAME,
-                                  "learning_rate": learning_rate_at(step, config, size)},
-                    "data": {**data_position, "next_step": step},
-                    "metrics": writer.last}
-        checkpoint.write(run, step, document, trainer.save, keep=config.keep_checkpoints)
+    def save() -> None:
+        if trainer.hvd.rank() == 0:  # Horovod: 7. only rank 0 writes checkpoints
+            checkpoint.write(run, state.step,
+                             state.to_document(audio=audio, metrics=writer.last, size=size),
+                             trainer.save, keep=config.keep_checkpoints)
 
-    step = start_step
-    last_saved = start_step if resumed_from else -1
+    last_saved = state.step if state.resumed_from else -1
     samples_per_step = config.batch_size * config.target_length
-    writer.start(start_step, config.steps)
-    tick, tick_step = time.perf_counter(), step
-    val_bits = float("nan")
-    stopped_by = ""
-    deadline = None if time_limit_minutes is None else time.monotonic() + 60 * time_limit_minutes
-    for windows, labels in sampler.tf_dataset(start_step, config.steps):
+    writer.start(state.step, config.steps)
+    tick, tick_step = time.perf_counter(), state.step
+    val_bits, stopped_by = float("nan"), ""
+    for windows, labels in data.sampler.tf_dataset(state.step, config.steps):
         if deadline is not None and time.monotonic() > deadline and not stop.requested:
             stop.requested, stop.signal_name = True, "the time limit"
-        loss, norm, stop_all = trainer.train_step(windows, labels, step,
+        loss, norm, stop_all = trainer.train_step(windows, labels, state.step,
                                                   stop_requested=stop.requested)
-        step += 1
+        state.step += 1
+        step = state.step
         scalars = {"loss_bits": loss / math.log(2.0), "grad_norm": norm,
                    "learning_rate": learning_rate_at(step - 1, config, size)}
         if step % config.log_every == 0 or step == config.steps:
@@ -418,21 +502,20 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
             per_rank = (step - tick_step) * samples_per_step / max(elapsed, 1e-9)
             scalars.update(samples_per_second=per_rank * size, samples_per_second_per_rank=per_rank)
             tick, tick_step = time.perf_counter(), step
-        if validate and (step % config.validation_every == 0 or step == config.steps):
-            val_bits = trainer.validation_bits(val_windows, val_labels)
+        if data.validation is not None and (step % config.validation_every == 0
+                                            or step == config.steps):
+            val_bits = trainer.validation_bits(*data.validation)
             scalars.update(validation_bits=val_bits, unigram_bits=unigram)
         writer.record(step, scalars)
         if step % config.checkpoint_every == 0:
-            save(step)
+            save()
             last_saved = step
         if stop_all:
             stopped_by = stop.signal_name or "another rank"
             break
-    if last_saved != step:
-        save(step)
-    writer.finish(step, stopped_by)
-    return {"step": step, "stopped_by": stopped_by, "validation_bits": val_bits,
-            "unigram_bits": unigram, "rank": rank, "ranks": size, "last": writer.last}
+    if last_saved != state.step:
+        save()
+    return stopped_by, val_bits
 
 
 def _unigram_bits(targets: np.ndarray, hvd) -> float:
@@ -445,10 +528,11 @@ def _unigram_bits(targets: np.ndarray, hvd) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def _banner(dataset, model_config, config, size, n_train, n_held, start_step, resumed_from):
-    from rainforest.model import multiply_adds_per_sample
-
-    where = f"resuming {resumed_from} at step {start_step}" if resumed_from else "new run"
+def _banner(dataset: Dataset, state: TrainingState, size: int, data: TrainingInput) -> str:
+    model_config, config = state.model, state.train
+    n_train, n_held = data.training_songs, data.held_out_songs
+    where = (f"resuming {state.resumed_from} at step {state.step}" if state.resumed_from
+             else "new run")
     labels = f", labels: {len(model_config.labels)}" if model_config.labels else ""
     return (
         f"training on {dataset.url}: {n_train} songs, {n_held} held out ({dataset.hours:.2f} h)\n"
@@ -459,96 +543,3 @@ def _banner(dataset, model_config, config, size, n_train, n_held, start_step, re
         f"{size} rank(s) x batch {config.batch_size} x {config.target_length} targets; "
         f"{config.compile}; {where}"
     )
-
-
-class _RankZeroLog:
-    """Progress bar, TensorBoard scalars, ``metrics.jsonl`` and ``curves.png``; rank 0 only."""
-
-    def __init__(self, run: str, rank: int, *, progress: bool, log) -> None:
-        self.run, self.active, self.progress, self.log = run, rank == 0, progress, log
-        self.last: dict[str, float] = {}
-        self._bar = None
-        self._tensorboard = None
-
-    def start(self, first: int, last: int) -> None:
-        if not self.active:  # Horovod: 7. only rank 0 writes logs
-            return
-        import tensorflow as tf
-
-        os.makedirs(self.run, exist_ok=True)
-        self._tensorboard = tf.summary.create_file_writer(os.path.join(self.run, "tensorboard"))
-        if self.progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=last, initial=first, unit="step", dynamic_ncols=True,
-                             mininterval=1.0, file=sys.stderr)
-
-    def record(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.active:
-            return
-        import tensorflow as tf
-
-        self.last.update({k: float(v) for k, v in scalars.items()
-                          if v is not None and math.isfinite(v)})
-        with self._tensorboard.as_default(step=step):
-            for name, value in scalars.items():
-                if value is not None:
-                    tf.summary.scalar(name, value)
-        line = {"step": step, **{k: float(v) for k, v in scalars.items() if v is not None}}
-        with open(os.path.join(self.run, "metrics.jsonl"), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line) + "\n")
-        if self._bar is not None:
-            self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(bits=f"{self.last['loss_bits']:.3f}",
-                                  refresh=False)
-        if "validation_bits" in scalars:
-            message = (f"step {step}: train {self.last['loss_bits']:.3f} bits/sample, held-out "
-                       f"{scalars['validation_bits']:.3f} (unigram {scalars['unigram_bits']:.3f})"
-                       f", {self.last.get('samples_per_second', float('nan')):.0f} samples/s")
-            if self._bar is not None:
-                self._bar.write(message, file=sys.stderr)
-            else:
-                self.log(message)
-
-    def finish(self, step: int, stopped_by: str) -> None:
-        if not self.active:
-            return
-        if self._bar is not None:
-            self._bar.close()
-        self._tensorboard.flush()
-        if stopped_by:
-            self.log(f"stopped by {stopped_by} at step {step}; checkpoint written. "
-                     f"Continue with --resume")
-        try:
-            plot_curves(self.run)
-        except Exception as error:  # a plot must never cost a finished run
-            self.log(f"note: could not draw curves.png ({error})")
-
-
-def plot_curves(run: str) -> str:
-    """Draw training and held-out bits per sample from ``metrics.jsonl`` into ``curves.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"),
-                                              encoding="utf-8")]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot([r["step"] for r in rows], [r["loss_bits"] for r in rows], lw=0.8,
-              label="training")
-    held = [r for r in rows if "validation_bits" in r]
-    if held:
-        axes.plot([r["step"] for r in held], [r["validation_bits"] for r in held], "o-",
-                  label="held out")
-        axes.axhline(held[-1]["unigram_bits"], color="grey", ls="--", label="unigram entropy")
-    axes.set_xlabel("step")
-    axes.set_ylabel("bits per sample")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    path = os.path.join(run, "curves.png")
-    staging = storage.local_staging_path(path)
-    figure.savefig(staging, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(staging, path)
-    return path

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from rainforest.model import PRESETS, receptive_field
+from rainforest.model_config import PRESETS, receptive_field
 from rainforest.train import TrainConfig, Trainer, init_horovod
 
 BATCH_PER_RANK_AT_TWO = 3

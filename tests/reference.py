@@ -83,8 +83,11 @@ def _valid_counts(lengths, window):
     return [max(0, int(n) - window + 1) for n in lengths]
 
 
-def random_window_starts(offsets, lengths, window, count, seed):
-    """Window starts drawn by splitmix64: state += golden, draw = mix(state) % total."""
+def random_window_starts(offsets, lengths, window, count, seed, skip=0):
+    """Window starts drawn by splitmix64: state += golden, draw = mix(state) % total.
+
+    ``skip`` draws are made and thrown away first.
+    """
     valid = _valid_counts(lengths, window)
     cumulative = []
     running = 0
@@ -94,13 +97,13 @@ def random_window_starts(offsets, lengths, window, count, seed):
     total = cumulative[-1]
     state = int(seed)
     starts = []
-    for _ in range(count):
+    for _ in range(skip + count):
         state = (state + GOLDEN) & MASK64
         draw = splitmix64(state) % total
         song = next(s for s, c in enumerate(cumulative) if c > draw)
         before = cumulative[song - 1] if song > 0 else 0
         starts.append(int(offsets[song]) + draw - before)
-    return np.array(starts, dtype=np.int64)
+    return np.array(starts[skip:], dtype=np.int64)
 
 
 def strided_window_starts(offsets, lengths, window, stride):

@@ -18,16 +18,17 @@ from rainforest import checkpoint
 from rainforest.config import AudioConfig
 from rainforest.errors import CheckpointError, ParameterError
 from rainforest.generate import (
-    export_weights,
     forward_logits,
+    load_network,
     prime_state,
     read_weights,
     silence_code,
     stream_gate_bias,
     stream_seeds,
 )
-from rainforest.kernels.generate import _exp32, _sigmoid32, _tanh32, generate_codes
-from rainforest.model import PRESETS, ModelConfig, build_model, weight_layout
+from rainforest.kernels.fused_loop import _exp32, _sigmoid32, _tanh32, generate_codes
+from rainforest.model_config import PRESETS, ModelConfig, weight_layout
+from rainforest.network import build_model
 from reference import queue_wavenet_logits
 
 CONFIGS = {
@@ -64,7 +65,7 @@ def exported(request, tmp_path_factory):
     config = CONFIGS[request.param]
     run = tmp_path_factory.mktemp(request.param)
     model = keras_checkpoint(run, config, seed=len(request.param))
-    return config, model, export_weights(str(run)), run
+    return config, model, load_network(str(run)), run
 
 
 def label_ids(config, streams):
@@ -184,7 +185,7 @@ def test_a_short_prime_is_padded_with_silence(exported):
 def tiny_network(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny-run")
     keras_checkpoint(run, PRESETS["tiny"], seed=1)
-    return export_weights(str(run)).network
+    return load_network(str(run)).network
 
 
 def fresh_state(network, streams, seed):
@@ -264,10 +265,10 @@ def test_export_refuses_a_mismatched_or_config_less_checkpoint(tmp_path):
     document["model"]["residual_channels"] = 24
     (folder / "config.json").write_text(json.dumps(document))
     with pytest.raises(CheckpointError, match="implies"):
-        export_weights(str(tmp_path / "run"))
+        load_network(str(tmp_path / "run"))
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
-        export_weights(str(tmp_path / "run"))
+        load_network(str(tmp_path / "run"))
 
 
 # --- the command line, on a run trained for real by `rainforest train` -----------------------

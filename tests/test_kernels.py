@@ -370,6 +370,31 @@ def assert_inside_songs(starts, offsets, lengths, window):
     assert np.all(fits.any(axis=1)), starts[~fits.any(axis=1)]
 
 
+@pytest.mark.parametrize("skip", [1, 7, 50, 2**40 + 3])
+@pytest.mark.parametrize("seed", [0, 2**64 - 1])
+def test_random_window_starts_skip_continues_the_same_stream(skip, seed):
+    offsets, lengths, window = SHARDS[next(iter(SHARDS))]
+    if skip < 1000:  # the reference draws every skipped value; the kernel jumps
+        longer = kernels.random_window_starts(offsets, lengths, window=window,
+                                              count=skip + 20, seed=seed)
+        skipped = kernels.random_window_starts(offsets, lengths, window=window, count=20,
+                                               seed=seed, skip=skip)
+        assert_same(skipped, longer[skip:])
+        assert_same(skipped, reference.random_window_starts(offsets, lengths, window, 20,
+                                                            seed, skip=skip))
+    else:  # far jumps: skipping in two hops equals skipping at once
+        once = kernels.random_window_starts(offsets, lengths, window=window, count=5,
+                                            seed=seed, skip=skip)
+        first = kernels.random_window_starts(offsets, lengths, window=window, count=5,
+                                             seed=seed, skip=skip - 3)
+        assert_same(once[:2], first[3:])
+
+
+def test_random_window_starts_refuse_a_negative_skip():
+    with pytest.raises(ParameterError, match="skip must be a non-negative integer"):
+        kernels.random_window_starts([0], [10], window=2, count=1, seed=0, skip=-1)
+
+
 @pytest.mark.parametrize("offsets, lengths, window", SHARDS.values(), ids=SHARDS.keys())
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**64 - 1])
 def test_random_window_starts_match_reference(offsets, lengths, window, seed):

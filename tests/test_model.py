@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from rainforest.errors import ParameterError
-from rainforest.model import (
+from rainforest.model_config import (
     PRESETS,
     ModelConfig,
-    build_model,
     load_model_config,
     multiply_adds_per_sample,
     receptive_field,
 )
+from rainforest.network import build_model
 
 CONFIGS = {
     "tiny": PRESETS["tiny"],

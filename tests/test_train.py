@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import RAINFOREST, TINY_TRAINING, checkpoint_weights, run_cli
-from rainforest import checkpoint
+from rainforest import checkpoint, storage
+from rainforest.config import AudioConfig
 from rainforest.dataset import (
     Dataset,
     Song,
@@ -26,7 +27,8 @@ from rainforest.dataset import (
 )
 from rainforest.errors import CheckpointError, ParameterError
 from rainforest.kernels import random_window_starts
-from rainforest.model import PRESETS
+from rainforest.model_config import PRESETS
+from rainforest.train import TrainingState
 
 # --- the input pipeline --------------------------------------------------------------------
 
@@ -176,7 +178,8 @@ def test_checkpoints_are_atomic_plain_arrays_and_pruned(periodic_dataset, tmp_pa
     # The weights load into a fresh Keras model of the saved config.
     import keras
 
-    from rainforest.model import ModelConfig, build_model
+    from rainforest.model_config import ModelConfig
+    from rainforest.network import build_model
     model = build_model(ModelConfig.from_dict(config["model"]))
     model.load_weights(str(Path(folder) / checkpoint.WEIGHTS_NAME))
     assert isinstance(model, keras.Model)
@@ -223,7 +226,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(periodic_dataset, tmp_pat
     checkpoint.verify(folder, config)
     assert 5 <= config["step"] < 100000
     assert config["step"] == config["data"]["next_step"]
-    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in (run / "checkpoints").iterdir() if storage.TEMP_MARKER in p.name]
     resumed = _train(periodic_dataset, run, "--resume", "--steps", str(config["step"] + 2),
                      "--val-every", "0")
     assert f"done: step {config['step'] + 2}" in resumed.stdout
@@ -240,6 +243,34 @@ def _copy(run, tmp_path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     return copy
+
+
+def test_training_state_is_what_the_checkpoint_records(trained_run):
+    folder = checkpoint.latest(str(trained_run))
+    saved = checkpoint.read_config(folder)
+    state = TrainingState.from_checkpoint(folder)
+    assert state.step == saved["step"] == saved["data"]["next_step"] == 4
+    assert state.model.to_dict() == saved["model"] and state.train.to_dict() == saved["train"]
+    assert state.resumed_from == folder
+    document = state.to_document(audio=AudioConfig.from_dict(saved["audio"]),
+                                 metrics=saved["metrics"], size=saved["data"]["ranks"])
+    assert document == {k: v for k, v in saved.items()
+                        if k not in ("format", "version", "step", "files")}
+
+
+@pytest.mark.slow
+def test_resume_warns_about_settings_it_does_not_take(periodic_dataset, trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path)
+    changed = _train(periodic_dataset, run, "--resume", "--steps", "6", "--val-every", "0",
+                     "--lr", "0.05", "--config", "default")
+    assert "warning: --resume keeps the settings" in changed.stdout
+    assert "learning_rate=0.05 (the run has 0.003)" in changed.stdout
+    assert "residual_channels=32 (the run has 16)" in changed.stdout
+    saved = checkpoint.read_config(checkpoint.latest(str(run)))
+    assert saved["step"] == 6 and saved["train"]["learning_rate"] == 3e-3
+    assert saved["model"] == PRESETS["tiny"].to_dict()
+    same = _train(periodic_dataset, run, "--resume", "--steps", "7", "--val-every", "0")
+    assert "warning" not in same.stdout and "done: step 7" in same.stdout
 
 
 def test_damaged_checkpoint_is_a_clear_error(periodic_dataset, trained_run, tmp_path):
@@ -261,7 +292,7 @@ def test_foreign_or_unknown_checkpoints_are_refused(trained_run, tmp_path):
     with pytest.raises(CheckpointError, match="version 99"):
         checkpoint.read_config(str(folder))
     (folder / "config.json").write_text(json.dumps({"format": "keras", "version": 1}))
-    with pytest.raises(CheckpointError, match="not a rainforest checkpoint"):
+    with pytest.raises(CheckpointError, match="not a rainforest file"):
         checkpoint.read_config(str(folder))
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="not a rainforest checkpoint"):

@@ -1,16 +1,16 @@
-"""The WaveNet: causal dilated convolutions with gated units, in Keras 3 on TensorFlow.
+"""The WaveNet's shape: its config, presets and arithmetic, without TensorFlow.
 
 van den Oord et al., "WaveNet: A Generative Model for Raw Audio" (2016), sections 2.1-2.5.
-This module knows nothing about distribution; ``rainforest.train`` adds Horovod. It holds the
-config and the arithmetic and imports no TensorFlow, so generation machines without TensorFlow
-can read a checkpoint's config; the Keras network itself is in ``rainforest.layers``.
+This module imports no TensorFlow, so generation machines without TensorFlow can read a
+checkpoint's config; the Keras network built from it is in ``rainforest.network``. Neither
+knows anything about distribution; ``rainforest.train`` adds Horovod.
 
 Shapes: ``codes`` are ``(batch, length)`` integer mu-law codes. The network is "valid"
 (no padding): every layer shortens the sequence by its dilation, so an input of
 ``receptive_field(config) - 1 + T`` codes yields ``T`` logit vectors; the one at position
 ``i`` sees inputs ``i .. i + receptive_field - 1`` and predicts the code that follows them.
 
-Every weight is an explicit, named array so that ``rainforest.generate`` can export it:
+Every weight is an explicit, named array so that ``rainforest.generate`` can read it:
 
 - input: a kernel-2 causal convolution over one-hot codes, stored as two embedding tables
   (``input_previous``, ``input_current``) and a bias: a convolution over one-hot inputs is
@@ -25,18 +25,16 @@ Every weight is an explicit, named array so that ``rainforest.generate`` can exp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from rainforest.config import from_dict
+from rainforest.config import Config
 from rainforest.errors import ParameterError
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """A WaveNet's shape. Saved in every checkpoint; generation needs nothing else.
 
     Parameters
@@ -90,16 +88,6 @@ class ModelConfig:
     def conditioned(self) -> bool:
         return bool(self.labels)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["dilations"] = list(self.dilations)
-        data["labels"] = list(self.labels)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return from_dict(cls, data)
-
 
 def _stacks(top: int, repeats: int) -> tuple[int, ...]:
     return tuple(2**i for i in range(int(math.log2(top)) + 1)) * repeats
@@ -110,7 +98,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(dilations=_stacks(8, 2), residual_channels=16, gate_channels=16,
                         skip_channels=32),
     "default": ModelConfig(),
-    # The benchmark config shared with the generation benchmarks (issue 3/4).
+    # The config the training and generation benchmarks measure.
     "medium": ModelConfig(dilations=_stacks(512, 2), residual_channels=64, gate_channels=64,
                           skip_channels=128),
 }
@@ -181,20 +169,3 @@ def weight_layout(config: ModelConfig) -> dict[str, list[tuple[str, tuple[int, .
 def block_name(index: int) -> str:
     return f"block{index:02d}"
 
-
-def build_model(config: ModelConfig, *, seed: int = 0):
-    """A ``keras.Model`` with its weights created; call it on ``codes`` or ``(codes, labels)``.
-
-    Examples
-    --------
-    >>> model = build_model(PRESETS["tiny"])            # doctest: +SKIP
-    >>> logits = model(codes)                           # doctest: +SKIP
-    """
-    import keras
-
-    from rainforest.layers import WaveNet
-
-    keras.utils.set_random_seed(seed)
-    model = WaveNet(config)
-    model.build_weights()
-    return model

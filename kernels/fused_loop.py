@@ -314,7 +314,7 @@ NETWORK_ARRAYS = ("input_previous", "input_current", "input_bias", "gate_kernel"
 class FusedNetwork:
     """A WaveNet's weights as the contiguous float32 arrays the fused loop reads.
 
-    Built by :func:`rainforest.generate.export_weights` from a checkpoint; see the module
+    Built by :func:`rainforest.generate.load_network` from a checkpoint; see the module
     docstring for the shapes. ``gate_bias`` (L, 2G) is the unconditioned gate bias and
     ``condition`` (labels, L, 2G) the gate bias each label adds (empty without labels).
     """

@@ -1,16 +1,15 @@
-"""The Keras 3 WaveNet network (TensorFlow backend). See ``rainforest.model`` for the layout.
+"""The Keras 3 WaveNet network (TensorFlow backend), built from a ``ModelConfig``.
 
-Kept apart from ``rainforest.model`` so that reading a checkpoint's config never loads
-TensorFlow. Like ``model``, this module never imports horovod.
+The weight layout is described in ``rainforest.model_config``, which is kept apart so that
+reading a checkpoint's config never loads TensorFlow. This module never imports horovod.
 """
 
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 from keras import ops
 
-from rainforest.model import ModelConfig, block_name, receptive_field
+from rainforest.model_config import ModelConfig, block_name, receptive_field
 
 
 class ResidualBlock(keras.layers.Layer):
@@ -131,14 +130,18 @@ class WaveNet(keras.Model):
         return ops.cast(logits, "float32")
 
 
-def split_window(windows, receptive):
-    """Inputs and targets of ``(batch, receptive + T)`` windows: all but the last code,
-    and the ``T`` codes each output position predicts."""
-    return windows[:, :-1], windows[:, receptive:]
+def build_model(config: ModelConfig, *, seed: int = 0) -> WaveNet:
+    """A ``WaveNet`` with its weights created; call it on ``codes`` or ``(codes, labels)``.
 
-
-def nll_nats(logits, targets):
-    """Mean negative log-likelihood in nats per target code."""
-    targets = tf.cast(targets, tf.int32)
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rainforest.model_config import PRESETS
+    >>> model = build_model(PRESETS["tiny"])
+    >>> tuple(model(np.full((1, model.receptive_field + 9), 128)).shape)
+    (1, 10, 256)
+    """
+    keras.utils.set_random_seed(seed)
+    model = WaveNet(config)
+    model.build_weights()
+    return model

@@ -1,0 +1,71 @@
+"""What the benchmarks compare against: this machine's float32 matmul peak, and its CPU.
+
+These machines set ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` for old OpenBLAS builds; with
+them numpy's matmul runs an AVX2 kernel at about half the speed the CPU allows. The peak is
+therefore measured in a child process with both variables unset for that one command (never
+in tests or CI), and the kernel that ran is reported from threadpoolctl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+_OPENBLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+_CHILD = r"""
+import json, sys, time
+import numpy as np
+from threadpoolctl import threadpool_info
+
+size, repeats = int(sys.argv[1]), int(sys.argv[2])
+a = np.random.default_rng(0).random((size, size), dtype=np.float32)
+a @ a
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    a @ a
+    times.append(time.perf_counter() - start)
+blas = [i for i in threadpool_info() if i.get("user_api") == "blas"] or [{}]
+print(json.dumps({"gflops": 2 * size**3 / min(times) / 1e9,
+                  "architecture": blas[0].get("architecture"),
+                  "library": blas[0].get("internal_api"), "threads": blas[0].get("num_threads")}))
+"""
+
+
+def matmul_peak(size: int = 4096, repeats: int = 3) -> dict:
+    """Best-of-``repeats`` float32 ``size``^3 numpy matmul on every core, OpenBLAS unhindered.
+
+    Returns ``gflops`` and the BLAS ``architecture``, ``library`` and ``threads`` that ran.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_OVERRIDES}
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(size), str(repeats)],
+                            env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
+    """The float32 matmul peak in GFLOP/s (see :func:`matmul_peak`)."""
+    return matmul_peak(size, repeats)["gflops"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the vector extensions that matter here, from ``lscpu``."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU (lscpu failed)"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+    return (f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores, flags: "
+            f"{' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}")
+
+
+def describe() -> str:
+    """One line for the top of a benchmark's output."""
+    peak = matmul_peak()
+    return (f"CPU: {cpu_model()}\nBLAS: {peak['library']} {peak['architecture']} kernel, "
+            f"{peak['threads']} threads (OpenBLAS overrides unset for the peak only)")

@@ -1,0 +1,104 @@
+"""What a training run shows and leaves behind besides checkpoints; rank 0 only.
+
+``RUN/metrics.jsonl`` (one JSON line per logged step), TensorBoard scalars in
+``RUN/tensorboard``, ``RUN/curves.png`` (bits per sample against the unigram line) and a
+progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from rainforest.plots import png_figure
+
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class RankZeroLog:
+    """Progress bar, TensorBoard scalars, ``metrics.jsonl`` and ``curves.png``; rank 0 only."""
+
+    def __init__(self, run: str, rank: int, *, progress: bool, log) -> None:
+        self.run, self.active, self.progress, self.log = run, rank == 0, progress, log
+        self.last: dict[str, float] = {}
+        self._bar = None
+        self._tensorboard = None
+
+    def start(self, first: int, last: int) -> None:
+        if not self.active:  # Horovod: 7. only rank 0 writes logs
+            return
+        import tensorflow as tf
+
+        os.makedirs(self.run, exist_ok=True)
+        self._tensorboard = tf.summary.create_file_writer(os.path.join(self.run, TENSORBOARD_DIR))
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=last, initial=first, unit="step", dynamic_ncols=True,
+                             mininterval=1.0, file=sys.stderr)
+
+    def record(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.active:
+            return
+        import tensorflow as tf
+
+        self.last.update({k: float(v) for k, v in scalars.items()
+                          if v is not None and math.isfinite(v)})
+        with self._tensorboard.as_default(step=step):
+            for name, value in scalars.items():
+                if value is not None:
+                    tf.summary.scalar(name, value)
+        line = {"step": step, **{k: float(v) for k, v in scalars.items() if v is not None}}
+        with open(os.path.join(self.run, METRICS_NAME), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line) + "\n")
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(bits=f"{self.last['loss_bits']:.3f}",
+                                  refresh=False)
+        if "validation_bits" in scalars:
+            message = (f"step {step}: train {self.last['loss_bits']:.3f} bits/sample, held-out "
+                       f"{scalars['validation_bits']:.3f} (unigram {scalars['unigram_bits']:.3f})"
+                       f", {self.last.get('samples_per_second', float('nan')):.0f} samples/s")
+            if self._bar is not None:
+                self._bar.write(message, file=sys.stderr)
+            else:
+                self.log(message)
+
+    def finish(self, step: int, stopped_by: str) -> None:
+        if not self.active:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._tensorboard.flush()
+        if stopped_by:
+            self.log(f"stopped by {stopped_by} at step {step}; checkpoint written. "
+                     f"Continue with --resume")
+        try:
+            plot_curves(self.run)
+        except Exception as error:  # a plot must never cost a finished run
+            self.log(f"note: could not draw {CURVES_NAME} ({error})")
+
+
+def plot_curves(run: str) -> str:
+    """Draw training and held-out bits per sample from ``metrics.jsonl`` into ``curves.png``."""
+    with open(os.path.join(run, METRICS_NAME), encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    path = os.path.join(run, CURVES_NAME)
+    with png_figure(path, size=(7, 4)) as axes:
+        axes.plot([r["step"] for r in rows], [r["loss_bits"] for r in rows], lw=0.8,
+                  label="training")
+        held = [r for r in rows if "validation_bits" in r]
+        if held:
+            axes.plot([r["step"] for r in held], [r["validation_bits"] for r in held], "o-",
+                      label="held out")
+            axes.axhline(held[-1]["unigram_bits"], color="grey", ls="--",
+                         label="unigram entropy")
+        axes.set_xlabel("step")
+        axes.set_ylabel("bits per sample")
+        axes.legend()
+        axes.grid(alpha=0.3)
+    return path
