@@ -28,20 +28,24 @@ def add_config_options(parser, cls: type, *, title: str | None = None) -> None:
 
     group = parser.add_argument_group(title) if title else parser
     for field in cli_fields(cls):
-        kind = type(field.default) if field.default is not None else str
+        repeat = field.metadata.get("repeat")
+        kind = field.metadata.get("type") or (
+            str if field.default is None or repeat else type(field.default))
         help_text = field.metadata["help"].replace("%", "%%")
-        shown = f"; default: {field.default}" if field.default is not None else ""
+        shown = f"; default: {field.default}" if field.default not in (None, ()) else ""
         choices = field.metadata.get("choices")
         metavar = None if choices else {int: "N", float: "X"}.get(kind, field.name.upper())
         group.add_argument(flag_of(field), dest=field.name, type=kind, default=argparse.SUPPRESS,
-                           choices=choices, help=help_text + shown, metavar=metavar)
+                           choices=choices, help=help_text + shown, metavar=metavar,
+                           action="append" if repeat else "store")
 
 
 def given(args: argparse.Namespace, cls: type) -> dict:
     """The fields of ``cls`` that the user set on the command line."""
     from rainforest.config import cli_fields
 
-    return {f.name: getattr(args, f.name) for f in cli_fields(cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in cli_fields(cls) if hasattr(args, f.name)}
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
 
 
 def _audio_config(args: argparse.Namespace):
@@ -67,11 +71,29 @@ def _print_summary(summary: dict) -> None:
         print("0 songs failed")
 
 
+def _cluster_settings(args: argparse.Namespace):
+    """The settings of the chosen ``--cluster`` kind, from its own options."""
+    from rainforest.cluster import SlurmSettings
+
+    if args.cluster.strip() == "slurm":
+        return SlurmSettings(**given(args, SlurmSettings))
+    return None
+
+
+def add_cluster_options(parser) -> None:
+    from rainforest.cluster import SlurmSettings
+
+    parser.add_argument("--cluster", default="local", help=CLUSTER_HELP)
+    add_config_options(parser, SlurmSettings, title="Slurm worker jobs (--cluster slurm; "
+                                                    "unset ones come from jobqueue.yaml)")
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from rainforest.preprocess import preprocess
 
     summary = preprocess(
         args.sources, args.out, config=_audio_config(args), cluster=args.cluster,
+        cluster_settings=_cluster_settings(args),
         songs_per_shard=args.songs_per_shard, labels=args.labels,
         progress=not args.no_progress,
         # with --json, stdout carries the JSON alone
@@ -182,7 +204,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sources = [str(path) for path in debian_music(args.package)]
     out = os.path.join(args.out, "dataset")
     print(f"preprocessing {len(sources)} source(s) into {out} on cluster {args.cluster!r}")
-    result = preprocess(sources, out, config=_audio_config(args), cluster=args.cluster)
+    result = preprocess(sources, out, config=_audio_config(args), cluster=args.cluster,
+                        cluster_settings=_cluster_settings(args))
     _print_summary(result)
     print()
     print(format_summary(summary(out)))
@@ -265,7 +288,6 @@ def _add_preprocess(commands) -> None:
                           "s3://bucket/songs/")
     pre.add_argument("--out", required=True, metavar="DATASET",
                      help="dataset folder or s3:// prefix to write (or resume)")
-    pre.add_argument("--cluster", default="local", help=CLUSTER_HELP)
     pre.add_argument("--songs-per-shard", type=int, default=SONGS_PER_SHARD,
                      help="songs per shard, the unit of work (default: %(default)s)")
     pre.add_argument("--labels", choices=LABEL_MODES, default=LABEL_MODES[0],
@@ -274,6 +296,7 @@ def _add_preprocess(commands) -> None:
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_config_options(pre, AudioConfig, title="audio")
+    add_cluster_options(pre)
     pre.set_defaults(handler=cmd_preprocess)
 
 
@@ -354,7 +377,6 @@ def _add_demo(commands) -> None:
     demo.add_argument("--package", default=DEFAULT_PACKAGE,
                       help="Debian package with real music (default: %(default)s)")
     demo.add_argument("--out", default="demo-data", help="working folder (default: %(default)s)")
-    demo.add_argument("--cluster", default="local", help=CLUSTER_HELP)
     demo.add_argument("--train-steps", type=int, default=200,
                       help="training steps after preprocessing (0: preprocess only; default: "
                            "%(default)s)")
@@ -368,6 +390,7 @@ def _add_demo(commands) -> None:
                       help="seconds of audio to generate per stream after training (0: none; "
                            "default: %(default)s)")
     add_config_options(demo, AudioConfig, title="audio")
+    add_cluster_options(demo)
     demo.set_defaults(handler=cmd_demo)
 
 

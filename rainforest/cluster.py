@@ -1,31 +1,158 @@
-"""Where the Dask work runs: a local cluster by default, or an existing scheduler.
+"""Where the Dask work runs, and the preflight that checks the workers before any song.
 
-``--cluster`` is open-ended on purpose; it takes:
+``--cluster`` takes:
 
 - ``local`` (default) or ``local:N``: a LocalCluster of N single-threaded worker processes;
 - ``tcp://host:port`` (or ``tls://``): a ``dask scheduler`` you already run;
-- ``scheduler-file:PATH``: a scheduler that wrote its address to PATH (common on HPC);
+- ``scheduler-file:PATH``: a scheduler that wrote its address to PATH (common on HPC, and what
+  ``slurm/preprocess.sbatch`` does inside one allocation);
+- ``slurm``: worker jobs submitted with ``sbatch`` from a login node by dask-jobqueue's
+  ``SLURMCluster``, scaled adaptively (:class:`SlurmSettings`);
 - ``sync``: no cluster, everything in this process (for debugging and profiling).
+
+Whatever the cluster, :func:`preflight` runs on every worker before any work: the worker must
+run the same rainforest, numpy and numba as this process, and be able to read every input and
+write the output. Most failed cluster runs fail on exactly these two things.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
+from rainforest.config import Config, documented, setting
 from rainforest.errors import ParameterError
 
 CLUSTER_HELP = (
     "where to run: 'local' (default, one worker process per core), 'local:N' (N workers), "
-    "'tcp://HOST:PORT' (a running `dask scheduler`), 'scheduler-file:PATH', or 'sync' "
-    "(in this process, for debugging)"
+    "'tcp://HOST:PORT' (a running `dask scheduler`), 'scheduler-file:PATH', 'slurm' (worker "
+    "jobs submitted with sbatch; see the --slurm-* options), or 'sync' (in this process, for "
+    "debugging)"
 )
+
+#: Seconds to wait for the first worker of a cluster we did not start ourselves.
+WORKER_WAIT_SECONDS = 60
+
+
+@documented
+@dataclass(frozen=True)
+class SlurmSettings(Config):
+    """Worker jobs for ``--cluster slurm`` (dask-jobqueue's ``SLURMCluster``).
+
+    A setting left unset comes from dask's own configuration (``jobqueue.slurm`` in
+    ``~/.config/dask/jobqueue.yaml``), as dask-jobqueue users expect.
+    """
+
+    queue: str | None = setting(None, "partition to submit worker jobs to",
+                                flag="--slurm-queue")
+    account: str | None = setting(None, "account to charge", flag="--slurm-account")
+    cores: int | None = setting(None, "cores per worker job", flag="--slurm-cores", type=int)
+    memory: str | None = setting(None, "memory per worker job in Dask units, e.g. 4GB (Slurm "
+                                 "gets it in MiB)", flag="--slurm-memory")
+    walltime: str | None = setting(None, "time limit per worker job, e.g. 01:00:00",
+                                   flag="--slurm-walltime")
+    processes: int | None = setting(None, "worker processes per job (default: one per core, "
+                                    "single-threaded)", flag="--slurm-processes", type=int)
+    directives: tuple[str, ...] = setting((), "an extra #SBATCH directive, e.g. "
+                                          "'--constraint=skylake' (repeatable)",
+                                          flag="--slurm-directive", repeat=True)
+    skip_directives: tuple[str, ...] = setting((), "a generated #SBATCH directive to leave out, "
+                                               "e.g. '--mem' where the site sets memory itself "
+                                               "(repeatable)", flag="--slurm-skip-directive",
+                                               repeat=True)
+    prologue: tuple[str, ...] = setting((), "a shell line run before each worker starts, e.g. "
+                                        "'module load python/3.11' or 'source ~/venv/bin/"
+                                        "activate' (repeatable)", flag="--slurm-prologue",
+                                        repeat=True)
+    interface: str | None = setting(None, "network interface of the scheduler and workers, "
+                                    "e.g. ib0 (login and compute nodes often differ)",
+                                    flag="--slurm-interface")
+    lifetime: str | None = setting(None, "restart each worker after this long, e.g. 55m, "
+                                   "shorter than the walltime, so a walltime kill never lands "
+                                   "mid-task", flag="--slurm-lifetime")
+    min_jobs: int = setting(1, "fewest worker jobs kept while the run lasts",
+                            flag="--slurm-min-jobs")
+    max_jobs: int = setting(4, "most worker jobs the adaptive cluster submits",
+                            flag="--slurm-max-jobs")
+    start_timeout: float = setting(600.0, "seconds to wait for the first worker job to start "
+                                   "(the queue may be busy)", flag="--slurm-start-timeout")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directives", tuple(self.directives))
+        object.__setattr__(self, "skip_directives", tuple(self.skip_directives))
+        object.__setattr__(self, "prologue", tuple(self.prologue))
+        if not 0 <= self.min_jobs <= self.max_jobs or self.max_jobs < 1:
+            raise ParameterError(
+                f"need 0 <= --slurm-min-jobs <= --slurm-max-jobs and --slurm-max-jobs >= 1, "
+                f"got {self.min_jobs} and {self.max_jobs}")
+
+    def cluster_arguments(self) -> dict:
+        """Keyword arguments for ``SLURMCluster``: only what was set, so jobqueue.yaml fills
+        the rest."""
+        arguments = {name: getattr(self, name)
+                     for name in ("queue", "account", "cores", "memory", "walltime", "interface")
+                     if getattr(self, name) is not None}
+        processes = self.processes if self.processes is not None else self.cores
+        if processes is not None:
+            arguments["processes"] = processes
+        if self.directives:
+            arguments["job_extra_directives"] = list(self.directives)
+        if self.skip_directives:
+            arguments["job_directives_skip"] = list(self.skip_directives)
+        if self.prologue:
+            arguments["job_script_prologue"] = list(self.prologue)
+        if self.lifetime:
+            arguments["worker_extra_args"] = ["--lifetime", self.lifetime,
+                                              "--lifetime-stagger", "1m"]
+        scheduler = {"dashboard_address": ":0"}
+        if self.interface:
+            scheduler["interface"] = self.interface
+        arguments["scheduler_options"] = scheduler
+        return arguments
+
+
+def slurm_cluster(settings: SlurmSettings, *, quiet: bool = False):
+    """An adaptive ``SLURMCluster`` for ``settings`` (its worker jobs are submitted lazily)."""
+    if shutil.which("sbatch") is None:
+        raise ParameterError(
+            "--cluster slurm needs Slurm's sbatch, which is not on PATH: run on a login node "
+            "of the cluster, or inside an allocation use slurm/preprocess.sbatch "
+            "(--cluster scheduler-file:...)")
+    from dask_jobqueue import SLURMCluster
+
+    try:
+        cluster = SLURMCluster(**settings.cluster_arguments(),
+                               silence_logs="error" if quiet else "warning")
+    except ValueError as error:
+        raise ParameterError(
+            f"--cluster slurm: {error}. Give --slurm-cores and --slurm-memory, or set "
+            "jobqueue.slurm in ~/.config/dask/jobqueue.yaml") from None
+    cluster.adapt(minimum_jobs=settings.min_jobs, maximum_jobs=settings.max_jobs)
+    return cluster
+
+
+def _local_workers(spec: str) -> int:
+    if spec == "local":
+        return os.cpu_count() or 1
+    try:
+        workers = int(spec.split(":", 1)[1])
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ParameterError(f"--cluster {spec!r}: the worker count must be >= 1")
+    return workers
 
 
 @contextlib.contextmanager
-def connect(spec: str = "local", *, quiet: bool = False) -> Iterator[object | None]:
+def connect(spec: str = "local", *, settings: Config | None = None,
+            quiet: bool = False) -> Iterator[object | None]:
     """Yield a ``distributed.Client`` for ``spec`` (None for ``sync``), closed afterwards.
+
+    ``settings`` are the spec's own (a :class:`SlurmSettings` for ``slurm``).
 
     Examples
     --------
@@ -39,19 +166,19 @@ def connect(spec: str = "local", *, quiet: bool = False) -> Iterator[object | No
     from distributed import Client, LocalCluster
 
     if spec == "local" or spec.startswith("local:"):
-        workers = os.cpu_count() or 1
-        if spec.startswith("local:"):
-            try:
-                workers = int(spec.split(":", 1)[1])
-            except ValueError:
-                workers = 0
-            if workers < 1:
-                raise ParameterError(f"--cluster {spec!r}: the worker count must be >= 1")
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True,
+            n_workers=_local_workers(spec), threads_per_worker=1, processes=True,
             dashboard_address=":0", silence_logs=40 if quiet else 30,
         )
         with cluster, Client(cluster) as client:
+            yield client
+        return
+    if spec == "slurm":
+        settings = settings if isinstance(settings, SlurmSettings) else SlurmSettings()
+        with slurm_cluster(settings, quiet=quiet) as cluster, Client(cluster) as client:
+            _wait_for_a_worker(client, settings.start_timeout,
+                               "no Slurm worker job started; see `squeue --me` and the job's "
+                               "output file for why")
             yield client
         return
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
@@ -63,6 +190,9 @@ def connect(spec: str = "local", *, quiet: bool = False) -> Iterator[object | No
                 "running there, and does this machine reach that port?"
             ) from None
         with client:
+            _wait_for_a_worker(client, WORKER_WAIT_SECONDS,
+                               f"the scheduler at {spec} has no workers; start some with "
+                               f"`dask worker {spec}`")
             yield client
         return
     if spec.startswith("scheduler-file:"):
@@ -70,6 +200,111 @@ def connect(spec: str = "local", *, quiet: bool = False) -> Iterator[object | No
         if not os.path.exists(path):
             raise ParameterError(f"scheduler file {path} does not exist")
         with Client(scheduler_file=path, timeout="30s") as client:
+            _wait_for_a_worker(client, WORKER_WAIT_SECONDS,
+                               f"the scheduler in {path} has no workers; start some with "
+                               f"`dask worker --scheduler-file {path}`")
             yield client
         return
     raise ParameterError(f"unknown --cluster {spec!r}; {CLUSTER_HELP}")
+
+
+def _wait_for_a_worker(client, seconds: float, message: str) -> None:
+    try:
+        client.wait_for_workers(1, timeout=seconds)
+    except TimeoutError:
+        raise ParameterError(f"{message} (waited {seconds:g} s)") from None
+
+
+# ----------------------------------------------------------------------------- preflight
+
+#: Packages whose versions must agree between this process and every worker.
+CHECKED_PACKAGES = ("rainforest", "numpy", "numba")
+
+# Runs on each worker. It is sent as source and compiled there, so it arrives even when the
+# worker cannot import rainforest (which is one of the things it reports).
+_PROBE = '''
+def probe(packages, reads, write):
+    import importlib, os, sys, uuid
+    report = {"python": sys.executable, "versions": {}, "missing": {}, "cannot": []}
+    for name in packages:
+        try:
+            report["versions"][name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception as error:
+            report["missing"][name] = f"{type(error).__name__}: {error}"
+
+    def fs_for(url):
+        import fsspec
+        return fsspec.core.url_to_fs(url)
+
+    for url in reads:
+        try:
+            if "://" in url and not url.startswith("file://"):
+                fs, path = fs_for(url)
+                if not fs.exists(path):
+                    raise FileNotFoundError(url)
+            elif not os.access(url, os.R_OK):
+                raise PermissionError(f"no such file or no read permission: {url}")
+        except Exception as error:
+            report["cannot"].append(f"read {url} ({type(error).__name__}: {error})")
+    try:
+        name = f".rainforest-preflight-{uuid.uuid4().hex}"
+        if "://" in write and not write.startswith("file://"):
+            fs, path = fs_for(write)
+            target = path.rstrip("/") + "/" + name
+            fs.pipe_file(target, b"ok")
+            fs.rm_file(target)
+        else:
+            os.makedirs(write, exist_ok=True)
+            target = os.path.join(write, name)
+            with open(target, "wb") as handle:
+                handle.write(b"ok")
+            os.remove(target)
+    except Exception as error:
+        report["cannot"].append(f"write {write} ({type(error).__name__}: {error})")
+    return report
+'''
+
+
+def _probe_function():
+    namespace = {"__name__": "rainforest_preflight_probe"}  # not importable: sent by value
+    exec(compile(_PROBE, "<rainforest preflight>", "exec"), namespace)
+    return namespace["probe"]
+
+
+def local_versions() -> dict[str, str]:
+    import importlib
+
+    return {name: getattr(importlib.import_module(name), "__version__", "?")
+            for name in CHECKED_PACKAGES}
+
+
+def preflight(client, *, reads: Sequence[str], write: str) -> int:
+    """Check every worker before any work; returns how many were checked.
+
+    Raises
+    ------
+    ParameterError
+        Naming each worker that runs other package versions (or lacks a package), or cannot
+        read an input or write the output, and what to do about it.
+    """
+    if client is None:
+        return 0
+    ours = local_versions()
+    reports = client.run(_probe_function(), list(CHECKED_PACKAGES), list(reads), write)
+    problems = []
+    for worker, report in sorted(reports.items()):
+        for name, error in report["missing"].items():
+            problems.append(f"{worker} cannot import {name} ({error}) with {report['python']}")
+        for name, version in report["versions"].items():
+            if version != ours[name]:
+                problems.append(f"{worker} runs {name} {version}, this process {ours[name]}")
+        problems += [f"{worker} cannot {what}" for what in report["cannot"]]
+    if problems:
+        raise ParameterError(
+            "the workers are not ready for this run, so nothing was processed:\n  "
+            + "\n  ".join(problems)
+            + f"\nWorkers need the same environment as this process ({sys.executable}: "
+            + ", ".join(f"{k} {v}" for k, v in ours.items())
+            + "), e.g. activate its venv in the job prologue (--slurm-prologue), and need to "
+            "see the inputs and output on a shared filesystem or s3://.")
+    return len(reports)

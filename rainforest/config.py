@@ -20,13 +20,17 @@ RESAMPLE_QUALITIES = ("VHQ", "HQ", "MQ", "LQ", "QQ")
 
 
 def setting(default: Any, help: str, *, flag: str | None = None,
-            choices: tuple | None = None, cli: bool = True):
+            choices: tuple | None = None, cli: bool = True, type: type | None = None,
+            repeat: bool = False):
     """A config field: its default, one line of help, and how the command line spells it.
 
     ``flag`` defaults to the field name with dashes (``trim_db`` -> ``--trim-db``); ``cli=False``
-    keeps a field off the command line (it can still be set in code or JSON).
+    keeps a field off the command line (it can still be set in code or JSON). ``type`` is
+    the command-line type when the default (``None``) does not tell it; ``repeat=True`` makes
+    a tuple field whose flag may be given many times.
     """
-    metadata = {"help": help, "flag": flag, "choices": choices, "cli": cli}
+    metadata = {"help": help, "flag": flag, "choices": choices, "cli": cli, "type": type,
+                "repeat": repeat}
     if isinstance(default, list | dict | set):
         raise TypeError("mutable defaults are not allowed in a frozen config")
     return dataclasses.field(default=default, metadata=metadata)

@@ -300,6 +300,7 @@ def preprocess(
     *,
     config: AudioConfig | None = None,
     cluster: str = "local",
+    cluster_settings: Any = None,
     songs_per_shard: int = SONGS_PER_SHARD,
     labels: str = LABEL_MODES[0],
     progress: bool = True,
@@ -318,6 +319,8 @@ def preprocess(
         Sample rate and the rest; the default is ``AudioConfig()``.
     cluster : str
         See :mod:`rainforest.cluster`.
+    cluster_settings : optional
+        The cluster's own settings, e.g. a :class:`~rainforest.cluster.SlurmSettings`.
     songs_per_shard : int
         Songs per shard (the unit of work and of the progress bar).
     labels : {"none", "parent"}
@@ -337,7 +340,7 @@ def preprocess(
     --------
     >>> preprocess(["songs/"], "dataset/", cluster="local:2")    # doctest: +SKIP
     """
-    from rainforest.cluster import connect
+    from rainforest.cluster import connect, preflight
 
     config = config or AudioConfig()
     if songs_per_shard < 1:
@@ -355,9 +358,12 @@ def preprocess(
     old_plan = _load_plan(out, config)
     storage.remove_stale_staging(storage.join(out, SHARD_DIR))
 
-    with connect(cluster, quiet=not progress) as client:
+    with connect(cluster, settings=cluster_settings, quiet=not progress) as client:
         if client is not None:
             log(f"Dask dashboard: {client.dashboard_link}")
+        checked = preflight(client, reads=[storage.canonical(s) for s in sources], write=out)
+        if checked:
+            log(f"preflight: {checked} worker(s) run this environment and see the data")
         plan = _plan_run(client, listed, out, config, old_plan, songs_per_shard=songs_per_shard,
                          labels=labels, progress=progress)
         if plan.skipped:

@@ -10,13 +10,14 @@ import pytest
 
 from rainforest import storage
 from rainforest.cli import add_config_options, build_parser, given
+from rainforest.cluster import SlurmSettings
 from rainforest.config import AudioConfig, cli_fields, flag_of
 from rainforest.documents import check_format
 from rainforest.errors import DatasetFormatError, ParameterError
 from rainforest.generate import GenerationConfig
 from rainforest.train import TrainConfig
 
-CONFIGS = [AudioConfig, TrainConfig, GenerationConfig]
+CONFIGS = [AudioConfig, TrainConfig, GenerationConfig, SlurmSettings]
 
 
 def _leftovers(folder) -> list[str]:
@@ -104,8 +105,14 @@ def test_command_line_options_come_from_the_config_declarations(cls):
     assert cls(**_parse(cls, [])) == cls()
     for field in cli_fields(cls):
         choices = field.metadata.get("choices")
+        if field.metadata.get("repeat"):
+            assert _parse(cls, [flag_of(field), "a", flag_of(field), "b"]) == {
+                field.name: ("a", "b")}, field.name
+            continue
         if choices:
             value = next(c for c in choices if c != field.default)
+        elif field.metadata.get("type") is int:
+            value = 3
         elif field.default is None:
             value = "x"
         else:
@@ -114,14 +121,15 @@ def test_command_line_options_come_from_the_config_declarations(cls):
 
 
 def test_help_shows_each_declared_default_and_choice(capsys):
-    fields = {"train": TrainConfig, "generate": GenerationConfig, "preprocess": AudioConfig}
-    for command, cls in fields.items():
+    fields = [("train", TrainConfig), ("generate", GenerationConfig),
+              ("preprocess", AudioConfig), ("preprocess", SlurmSettings)]
+    for command, cls in fields:
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         for field in cli_fields(cls):
             assert flag_of(field) in text, (command, field.name)
-            if field.default is not None:
+            if field.default not in (None, ()):
                 assert f"default: {field.default}" in text, (command, field.name)
             for choice in field.metadata.get("choices") or ():
                 assert choice in text, (command, field.name, choice)
