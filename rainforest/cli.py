@@ -111,16 +111,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # TensorFlow's C++ info lines would bury the progress output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rainforest import checkpoint
     from rainforest.model_config import load_model_config
     from rainforest.train import TrainConfig, train
 
+    resume = args.resume or bool(args.resume_if_any and checkpoint.list_checkpoints(args.run))
     result = train(args.dataset, args.run,
                    model_config=load_model_config(args.config) if args.config else None,
-                   overrides=given(args, TrainConfig), resume=args.resume,
+                   overrides=given(args, TrainConfig), resume=resume,
                    condition=args.condition, time_limit_minutes=args.time_limit,
                    progress=not args.no_progress)
     if result["rank"] == 0:
-        from rainforest import checkpoint, runlog
+        from rainforest import runlog
 
         bits = result["validation_bits"]
         held = (f"held-out {bits:.3f} bits/sample (unigram {result['unigram_bits']:.3f})"
@@ -327,6 +329,9 @@ def _add_train(commands) -> None:
                     help="continue RUN from its latest checkpoint with its saved settings; "
                          "--steps may raise the total, other settings given are ignored with "
                          "a warning")
+    tr.add_argument("--resume-if-any", action="store_true",
+                    help="resume if RUN has a checkpoint, else start a new run (for batch "
+                         "scripts that may be requeued)")
     tr.add_argument("--time-limit", type=float, metavar="MINUTES",
                     help="stop cleanly with a checkpoint after this much wall time "
                          "(e.g. inside a Slurm time limit); --resume continues")

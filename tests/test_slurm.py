@@ -1,0 +1,147 @@
+"""The Slurm path on a real single-node Slurm (slurmctld + slurmd + munged on 127.0.0.1).
+
+Every ``slurm/*.sbatch`` file is submitted as a user would, unchanged; the settings travel in
+environment variables, as the files document. With 2 CPUs a 2-task job fills the node, so the
+tests run one after another on one cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile
+from localslurm import LocalSlurm, available
+
+import audiogen
+from conftest import TINY_TRAINING, assert_same_tree
+from rainforest import checkpoint
+from rainforest.preprocess import preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    missing = available()
+    if missing:
+        pytest.fail(f"a real Slurm is needed: {missing}")
+    cluster = LocalSlurm(cpus=os.cpu_count()).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("slurm-songs")
+    for genre in ("genre0", "genre1"):
+        (folder / genre).mkdir()
+    for index in range(6):
+        audiogen.write_song(folder / f"genre{index % 2}" / f"song{index}.flac",
+                            seconds=1.5 + 0.3 * index, rate=22050 + 11025 * (index % 2),
+                            channels=1 + index % 2, leading_silence=0.2, trailing_silence=0.3,
+                            freq=200.0 + 50 * index, seed=index)
+    return folder
+
+
+def _env(**values) -> dict:
+    # The job runs this interpreter's environment (VENV) and this checkout's rainforest.
+    return {"VENV": str(VENV), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+            **{k: str(v) for k, v in values.items()}}
+
+
+def _output(path: Path) -> str:
+    return path.read_text() if path.exists() else "(no output file)"
+
+
+def test_preprocess_sbatch_gives_the_dataset_of_a_local_run(slurm, songs, tmp_path):
+    out = tmp_path / "from-slurm"
+    log = tmp_path / "job.out"
+    job = slurm.submit(str(REPO / "slurm/preprocess.sbatch"), "--ntasks=2",
+                       "--mem-per-cpu=100M", f"--output={log}", f"--chdir={tmp_path}",
+                       env=_env(SONGS=songs, OUT=out, SHARED_TMP=tmp_path))
+    assert slurm.wait(job, timeout=300) == "COMPLETED", _output(log)
+    assert "preflight: 2 worker(s)" in _output(log)
+    preprocess([str(songs)], str(tmp_path / "local"), cluster="local:1", progress=False,
+               log=lambda line: None)
+    assert_same_tree(out, tmp_path / "local")
+    assert not list(tmp_path.glob(".rainforest-dask-*.json")), "scheduler file left behind"
+
+
+@pytest.fixture(scope="module")
+def slurm_dataset(songs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("slurm-data") / "dataset"
+    preprocess([str(songs)], str(out), cluster="sync", labels="parent", progress=False,
+               log=lambda line: None)
+    return out
+
+
+def _metrics(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+TRAIN = [*TINY_TRAINING, "--val-fraction", "0.34", "--val-every", "50"]
+
+
+def _submit_training(slurm, run: Path, log: Path, dataset: Path, *options: str) -> str:
+    return slurm.submit(str(REPO / "slurm/train.sbatch"), "--ntasks-per-node=2",
+                        f"--output={log}", f"--chdir={run.parent}", script_args=options,
+                        env=_env(DATASET=dataset, RUN=run))
+
+
+def test_train_sbatch_trains_on_two_ranks(slurm, slurm_dataset, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    job = _submit_training(slurm, run, log, slurm_dataset, *TRAIN, "--steps", "6")
+    assert slurm.wait(job, timeout=400) == "COMPLETED", _output(log)
+    assert "done: step 6 on 2 rank(s)" in _output(log)
+    saved = checkpoint.read_config(checkpoint.latest(str(run)))
+    assert saved["step"] == 6 and saved["data"]["ranks"] == 2
+
+
+def _wait_for_steps(run: Path, count: int, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_metrics(run)) >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"training did not reach step {count}:\n{_output(log)}")
+
+
+@pytest.mark.parametrize("preempt", [("scancel", "-b", "--signal=TERM"), ("scontrol", "requeue")],
+                         ids=["scancel-b-TERM", "scontrol-requeue"])
+def test_a_preempted_train_job_is_requeued_and_loses_no_step(preempt, slurm, slurm_dataset,
+                                                              tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 300
+    # No periodic checkpoint: only the one written on SIGTERM can carry the run over.
+    job = _submit_training(slurm, run, log, slurm_dataset, *TRAIN, "--steps", str(steps),
+                           "--checkpoint-every", "100000")
+    _wait_for_steps(run, 20, timeout=300, log=log)
+    slurm.run(*preempt, job)
+    assert slurm.wait(job, timeout=600) == "COMPLETED", _output(log)
+    assert slurm.job_field(job, "Restarts") == "1", _output(log)
+    text = _output(log)
+    assert "start 1," in text and "resuming" in text, text
+    assert _metrics(run) == list(range(1, steps + 1)), "a step was lost or repeated"
+    assert checkpoint.read_config(checkpoint.latest(str(run)))["step"] == steps
+
+
+def test_generate_sbatch_writes_a_wav(slurm, slurm_dataset, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "train.out"
+    job = _submit_training(slurm, run, log, slurm_dataset, *TRAIN, "--steps", "2", "--condition")
+    assert slurm.wait(job, timeout=400) == "COMPLETED", _output(log)
+    out, log = tmp_path / "songs", tmp_path / "generate.out"
+    job = slurm.submit(str(REPO / "slurm/generate.sbatch"), "--cpus-per-task=2",
+                       f"--output={log}", f"--chdir={tmp_path}", script_args=(
+                           "--seconds", "0.25", "--streams", "2", "--label", "genre1"),
+                       env=_env(RUN=run, OUT=out))
+    assert slurm.wait(job, timeout=300) == "COMPLETED", _output(log)
+    for stream in range(2):
+        info = soundfile.info(str(out / f"stream-{stream:03d}.wav"))
+        assert (info.samplerate, info.frames, info.subtype) == (16000, 4000, "PCM_16")
