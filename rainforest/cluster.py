@@ -57,13 +57,14 @@ class SlurmSettings(Config):
                                    flag="--slurm-walltime")
     processes: int | None = setting(None, "worker processes per job (default: one per core, "
                                     "single-threaded)", flag="--slurm-processes", type=int)
-    directives: tuple[str, ...] = setting((), "an extra #SBATCH directive, e.g. "
-                                          "'--constraint=skylake' (repeatable)",
+    directives: tuple[str, ...] = setting((), "an extra #SBATCH directive, written with '=', "
+                                          "e.g. --slurm-directive=--constraint=skylake "
+                                          "(repeatable)",
                                           flag="--slurm-directive", repeat=True)
     skip_directives: tuple[str, ...] = setting((), "a generated #SBATCH directive to leave out, "
-                                               "e.g. '--mem' where the site sets memory itself "
-                                               "(repeatable)", flag="--slurm-skip-directive",
-                                               repeat=True)
+                                               "e.g. --slurm-skip-directive=--mem where the "
+                                               "site sets memory itself (repeatable)",
+                                               flag="--slurm-skip-directive", repeat=True)
     prologue: tuple[str, ...] = setting((), "a shell line run before each worker starts, e.g. "
                                         "'module load python/3.11' or 'source ~/venv/bin/"
                                         "activate' (repeatable)", flag="--slurm-prologue",

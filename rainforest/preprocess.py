@@ -375,6 +375,8 @@ def preprocess(
 
         new_records = _run_bag(client, process, plan.pending, description="preprocess",
                                unit="shard", progress=progress)
+    # A worker killed mid-shard leaves its staging file; its task was redone elsewhere.
+    storage.remove_stale_staging(storage.join(out, SHARD_DIR))
     records = {**plan.records, **{record["name"]: record for record in new_records}}
     unreadable = [{"source": e["source"], "source_size": e["size"], "reason": e["reason"]}
                   for e in plan.identified if "reason" in e]

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,6 +13,8 @@ import pytest
 
 import audiogen
 from conftest import RAINFOREST, assert_same_tree, run_cli
+from daskprocs import DaskProcesses
+from rainforest import storage
 from rainforest.preprocess import preprocess
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -64,44 +65,58 @@ def test_killed_run_leaves_no_half_shard_and_resume_matches_clean(tmp_path):
     assert_same_tree(tmp_path / "clean", out)
 
 
-def _start(args, **kwargs):
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
-
-
 def test_cli_against_a_dask_scheduler_and_two_dask_workers(song_dir, tmp_path):
-    scheduler_file = tmp_path / "scheduler.json"
-    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    processes = [_start([*dask, "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                         "--scheduler-file", str(scheduler_file)])]
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
+    with DaskProcesses(tmp_path) as dask:
         for name in ("worker-a", "worker-b"):
-            processes.append(_start([sys.executable, "-m", "distributed.cli.dask_worker",
-                                     address, "--nthreads", "1", "--name", name,
-                                     "--no-dashboard"]))
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
-            assert len(client.scheduler_info()["workers"]) == 2
+            dask.add_worker(name)
+        dask.wait_for_workers(2)
+        address = dask.address
         result = run_cli("preprocess", song_dir, "--out", tmp_path / "remote", "--cluster",
                          address, "--songs-per-shard", "1", "--no-progress")
         assert result.returncode == 0, result.stderr
         assert "Dask dashboard" in result.stdout
+        from distributed import Client
+
         with Client(address, timeout="30s") as client:
             # both workers ran tasks: each executed some of the identify and shard tasks
             executed = client.run(lambda dask_worker: dask_worker.state.executed_count,
                                   nanny=False)
             assert len(executed) == 2 and min(executed.values()) >= 1, executed
             assert sum(executed.values()) >= 6 + 6  # six songs identified, six shards made
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
     run_cli("preprocess", song_dir, "--out", tmp_path / "local", "--cluster", "sync",
             "--songs-per-shard", "1", "--no-progress")
     assert_same_tree(tmp_path / "local", tmp_path / "remote")
+
+
+def _many_songs(folder, count: int, seconds: float = 3.0):
+    folder.mkdir()
+    for index in range(count):
+        audiogen.write_song(folder / f"{index:02d}.wav", seconds=seconds, rate=44100, channels=2,
+                            freq=150.0 + 20 * index, seed=index)
+    return folder
+
+
+def test_a_worker_killed_mid_run_costs_nothing(tmp_path):
+    songs = _many_songs(tmp_path / "songs", 16)
+    out = tmp_path / "survived"
+    with DaskProcesses(tmp_path) as dask:
+        for name in ("worker-a", "worker-b"):
+            dask.add_worker(name)
+        dask.wait_for_workers(2)
+        command = [*RAINFOREST, "preprocess", str(songs), "--out", str(out), "--cluster",
+                   dask.address, "--songs-per-shard", "1", "--no-progress"]
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list((out / "shards").glob("part-*.json")):
+            time.sleep(0.01)
+        assert run.poll() is None, "the run ended before the kill"
+        dask.kill("worker-b")
+        stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr
+    done = sorted((out / "shards").glob("part-*.json"))
+    assert len(done) == 16, "the surviving worker finished every shard"
+    assert not [p for p in (out / "shards").iterdir() if storage.TEMP_MARKER in p.name]
+    run_cli("preprocess", songs, "--out", tmp_path / "clean", "--cluster", "sync",
+            "--songs-per-shard", "1", "--no-progress")
+    assert_same_tree(tmp_path / "clean", out)

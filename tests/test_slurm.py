@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import soundfile
-from localslurm import LocalSlurm, available
 
 import audiogen
-from conftest import TINY_TRAINING, assert_same_tree
+from conftest import TINY_TRAINING, assert_same_tree, run_cli
+from localslurm import LocalSlurm, available
 from rainforest import checkpoint
+from rainforest.cluster import SlurmSettings
 from rainforest.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,15 +92,18 @@ def _metrics(run: Path) -> list[int]:
 TRAIN = [*TINY_TRAINING, "--val-fraction", "0.34", "--val-every", "50"]
 
 
-def _submit_training(slurm, run: Path, log: Path, dataset: Path, *options: str) -> str:
+def _submit_training(slurm, run: Path, log: Path, dataset: Path, *options: str,
+                     launcher: str = "srun") -> str:
     return slurm.submit(str(REPO / "slurm/train.sbatch"), "--ntasks-per-node=2",
                         f"--output={log}", f"--chdir={run.parent}", script_args=options,
-                        env=_env(DATASET=dataset, RUN=run))
+                        env=_env(DATASET=dataset, RUN=run, LAUNCHER=launcher))
 
 
-def test_train_sbatch_trains_on_two_ranks(slurm, slurm_dataset, tmp_path):
+@pytest.mark.parametrize("launcher", ["srun", "mpirun", "horovodrun"])
+def test_train_sbatch_trains_on_two_ranks(launcher, slurm, slurm_dataset, tmp_path):
     run, log = tmp_path / "run", tmp_path / "job.out"
-    job = _submit_training(slurm, run, log, slurm_dataset, *TRAIN, "--steps", "6")
+    job = _submit_training(slurm, run, log, slurm_dataset, *TRAIN, "--steps", "6",
+                           launcher=launcher)
     assert slurm.wait(job, timeout=400) == "COMPLETED", _output(log)
     assert "done: step 6 on 2 rank(s)" in _output(log)
     saved = checkpoint.read_config(checkpoint.latest(str(run)))
@@ -145,3 +151,64 @@ def test_generate_sbatch_writes_a_wav(slurm, slurm_dataset, tmp_path):
     for stream in range(2):
         info = soundfile.info(str(out / f"stream-{stream:03d}.wav"))
         assert (info.samplerate, info.frames, info.subtype) == (16000, 4000, "PCM_16")
+
+
+def test_cluster_slurm_runs_through_worker_jobs_that_slurm_started(slurm, songs, tmp_path):
+    out = tmp_path / "dataset"
+    env = {**slurm.env, **_env()}
+    result = run_cli("preprocess", songs, "--out", out, "--cluster", "slurm", "--no-progress",
+                     "--slurm-cores", "1", "--slurm-memory", "500MB", "--slurm-interface", "lo",
+                     "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
+                     "--slurm-max-jobs", "2", f"--slurm-directive=--chdir={tmp_path}",
+                     env=env, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "preflight:" in result.stdout
+    jobs = slurm.run("sacct", "-c", "-n", "-P", "-o", "JobName,NodeList").stdout.splitlines()
+    assert sum(line.startswith("dask-worker|localhost") for line in jobs) >= 1, jobs
+    preprocess([str(songs)], str(tmp_path / "local"), cluster="sync", progress=False,
+               log=lambda line: None)
+    assert_same_tree(out, tmp_path / "local")
+
+
+def test_slurm_worker_job_script_carries_the_settings():
+    from dask_jobqueue import SLURMCluster
+
+    settings = SlurmSettings(queue="short", account="music", cores=2, memory="1GB",
+                             walltime="00:30:00", directives=("--constraint=avx512",),
+                             skip_directives=("--mem",), prologue=("module load python/3.11",),
+                             interface="lo", lifetime="25m")
+    with SLURMCluster(**settings.cluster_arguments()) as cluster:
+        script = cluster.job_script()
+    lines = script.splitlines()
+    for expected in ("#SBATCH -p short", "#SBATCH -A music", "#SBATCH --cpus-per-task=2",
+                     "#SBATCH -t 00:30:00", "#SBATCH --constraint=avx512",
+                     "module load python/3.11"):
+        assert expected in lines, (expected, script)
+    assert not [line for line in lines if line.startswith("#SBATCH --mem")], script
+    command = lines[-1]
+    assert command.startswith(sys.executable)
+    assert "--nworkers 2" in command and "--nthreads 1" in command
+    assert "--lifetime 25m" in command and "--interface lo" in command
+
+
+SBATCH = sorted((REPO / "slurm").glob("*.sbatch"))
+
+
+@pytest.mark.parametrize("script", SBATCH, ids=[p.name for p in SBATCH])
+def test_sbatch_files_parse_and_document_their_settings(script):
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "#SBATCH --job-name=rainforest-" in text and "#SBATCH --output=" in text
+    header = "\n".join(line for line in text.splitlines()[1:] if line.startswith("# "))
+    read = set(re.findall(r"\$\{([A-Z_]+)[:}]", text))
+    assert read - {v for v in read if v.startswith("SLURM_")}, "reads no settings?"
+    for variable in read:
+        if not variable.startswith("SLURM_"):
+            assert variable in header, (script.name, variable)
+
+
+def test_train_sbatch_requeues_and_hands_the_time_limit_signal_to_its_shell():
+    text = (REPO / "slurm/train.sbatch").read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:TERM@120", "#SBATCH --open-mode=append"):
+        assert line in text.splitlines()
+    assert "--resume-if-any" in text and "trap on_term TERM" in text
