@@ -14,8 +14,10 @@ stamp() { echo "$VENV/.stamp-$1"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- system packages -------------------------------------------------------------------
-# g++/make/cmake build Horovod; OpenMPI is its MPI controller; python3-venv for the venv.
-SYSTEM_PACKAGES="g++ make openmpi-bin libopenmpi-dev"
+# g++/make/cmake build Horovod; OpenMPI is its MPI controller. Slurm (slurmctld, slurmd, the
+# client commands), munge and PMIx: the tests start a real single-node Slurm, and a login node
+# needs sbatch for --cluster slurm. Nothing is started or configured system-wide.
+SYSTEM_PACKAGES="g++ make openmpi-bin libopenmpi-dev slurmctld slurmd slurm-client munge libpmix-dev"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
