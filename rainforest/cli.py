@@ -236,6 +236,76 @@ def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
         raise RainforestError(f"training failed; see the messages above (run folder {run})")
 
 
+# --- fetch ------------------------------------------------------------------------------
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from rainforest.fetch import FetchConfig, fetch, read_sources
+
+    config = FetchConfig(rate=args.rate, concurrency=args.concurrency, max_bytes=args.max_bytes,
+                         retries=args.retries, timeout=args.timeout)
+    sources = read_sources(args.sources, url_column=args.url_column,
+                           url_template=args.url_template, label_columns=args.label_column)
+    if not sources:
+        raise RainforestError(f"no URLs found in {args.sources}; a text file needs one URL per "
+                              "line, a CSV needs --url-column or --url-template")
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    summary = fetch(sources, args.out, config=config, progress=not args.no_progress, log=log)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"\n{summary['fetched']} file(s) fetched ({summary['bytes'] / 1e6:.1f} MB) in "
+              f"{summary['elapsed_seconds']:.1f} s, {summary['skipped']} already there, "
+              f"{summary['failed']} failed; record: {summary['manifest']}")
+        for failure in summary["failures"][:20]:
+            print(f"  FAILED {failure['source']}: {failure['reason']}")
+        if summary["failed"] > 20:
+            print(f"  ... and {summary['failed'] - 20} more (see {summary['manifest']})")
+    return EXIT_SOME_SONGS_FAILED if summary["failed"] else 0
+
+
+def _add_fetch_parser(commands) -> None:
+    from rainforest.fetch import FetchConfig
+
+    default = FetchConfig()
+    fe = commands.add_parser(
+        "fetch", help="download songs politely and resumably into a folder or s3:// prefix",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Download songs from a text file of URLs, a metadata CSV (a URL column, or "
+                    "a URL template filled from the row; FMA-style two-level headers are "
+                    "flattened to group.column), http(s) URLs or an s3:// prefix. Polite: one "
+                    "rate limit per host, retries with backoff, Retry-After honoured. "
+                    "Resumable: files already fetched (same size and sha256 or ETag) are "
+                    "skipped. Every source is recorded in OUT/fetch.json with its status, "
+                    "sha256, final URL, labels and failure reason (exit status 3 if any "
+                    "failed).",
+    )
+    fe.add_argument("sources", nargs="+", metavar="SOURCE",
+                    help="URLs file (one per line), CSV file, http(s) URL or s3:// prefix")
+    fe.add_argument("--out", required=True, metavar="URL",
+                    help="folder or s3:// prefix for the songs and fetch.json")
+    fe.add_argument("--url-column", metavar="NAME", help="CSV column holding each song's URL")
+    fe.add_argument("--url-template", metavar="TEMPLATE",
+                    help="URL built from CSV columns, e.g. "
+                         "'https://host/{track_id:06d[:3]}/{track_id:06d}.mp3' (a trailing "
+                         "[a:b] in a field's format slices it)")
+    fe.add_argument("--label-column", action="append", default=[], metavar="NAME",
+                    help="CSV column to keep as a label (repeatable), e.g. track.genre_top")
+    fe.add_argument("--rate", type=float, default=default.rate,
+                    help="request starts per second per host (0: unlimited)")
+    fe.add_argument("--concurrency", type=int, default=default.concurrency,
+                    help="downloads at once")
+    fe.add_argument("--max-bytes", type=int, default=default.max_bytes,
+                    help="largest file accepted")
+    fe.add_argument("--retries", type=int, default=default.retries,
+                    help="retries after a failed attempt (timeouts, 429, 5xx, cut-short bodies)")
+    fe.add_argument("--timeout", type=float, default=default.timeout,
+                    help="seconds a server may stay silent before an attempt fails")
+    fe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    fe.add_argument("--json", action="store_true", help="print the summary as JSON")
+    fe.set_defaults(handler=cmd_fetch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rainforest",
@@ -245,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_fetch_parser(commands)
 
     pre = commands.add_parser(
         "preprocess", help="decode songs into a versioned dataset of mu-law shards",
