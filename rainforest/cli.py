@@ -333,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--cluster", default="local", help=CLUSTER_HELP)
     pre.add_argument("--songs-per-shard", type=int, default=8,
                      help="songs per shard, the unit of work (default: %(default)s)")
-    pre.add_argument("--labels", choices=["none", "parent"], default="none",
-                     help="'parent' labels each song with its folder name, e.g. a genre folder, "
+    pre.add_argument("--labels", default="none", metavar="none|parent|fetch[:COL]|FILE.csv:COL",
+                     help="'parent' labels each song with its folder name, e.g. a genre folder; "
+                          "'fetch' takes the labels `rainforest fetch` recorded in fetch.json "
+                          "beside the songs (fetch:COL picks a column); FILE.csv:COL a metadata "
+                          "CSV's column, rows matched by file name or by track id = file stem; "
                           "for global conditioning (default: %(default)s)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -360,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model config: a preset (tiny, default, medium) or a JSON file with "
                          "ModelConfig fields")
     tr.add_argument("--condition", action="store_true",
-                    help="condition on the songs' labels (preprocess with --labels parent)")
+                    help="condition on the songs' labels (preprocess with --labels)")
     tr.add_argument("--resume", action="store_true",
                     help="continue RUN from its latest checkpoint (configs come from it; "
                          "--steps may raise the total)")

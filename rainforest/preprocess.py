@@ -43,6 +43,7 @@ from rainforest.dataset import (
 )
 from rainforest.errors import AudioDecodeError, ParameterError
 from rainforest.kernels import mulaw_encode, peak_amplitude, relative_threshold, trim_bounds
+from rainforest.labels import resolve as resolve_labels
 
 #: Songs per shard unless told otherwise: small enough to spread a few dozen songs over a
 #: cluster, large enough that thousands of songs do not make thousands of files.
@@ -64,7 +65,9 @@ def identify(source: storage.SourceFile) -> dict[str, Any]:
         return {"source": source.url, "size": source.size, "reason": f"cannot read: {error}"}
 
 
-def _label(url: str, mode: str) -> str | None:
+def _label(url: str, mode) -> str | None:
+    if callable(mode):  # fetch.json or a CSV column, from rainforest.labels.resolve
+        return mode(url)
     if mode == "parent":
         return posixpath.basename(posixpath.dirname(url.replace(os.sep, "/"))) or None
     return None
@@ -402,9 +405,10 @@ def preprocess(
         See :mod:`rainforest.cluster`.
     songs_per_shard : int
         Songs per shard (the unit of work and of the progress bar).
-    labels : {"none", "parent"}
+    labels : str
         ``"parent"`` labels each song with its folder's name (e.g. a genre folder), for
-        global conditioning.
+        global conditioning; ``"fetch[:COLUMN]"`` takes the labels ``rainforest fetch``
+        recorded, ``"FILE.csv:COLUMN"`` a metadata CSV's column (see :mod:`rainforest.labels`).
     progress : bool
         Show progress bars.
     log : callable
@@ -424,8 +428,7 @@ def preprocess(
     config = config or AudioConfig()
     if songs_per_shard < 1:
         raise ParameterError(f"songs_per_shard must be >= 1, got {songs_per_shard}")
-    if labels not in LABEL_MODES:
-        raise ParameterError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    labels = resolve_labels(labels)
     out = storage.canonical(out)
     started = time.perf_counter()
     listed = storage.list_sources(sources)
