@@ -1,7 +1,8 @@
 """rainforest: an HPC toolkit for WaveNet song generation.
 
 Stages, one module each: ``fetch``, ``audio``, ``preprocess``, ``dataset``, ``model``,
-``train``, ``generate``. Shared pieces: ``config``, ``storage``, ``cluster``, ``errors``, ``cli``.
+``train``, ``generate``, ``report``. Shared pieces: ``config``, ``storage``, ``cluster``,
+``errors``, ``labels``, ``cli``.
 """
 
 from rainforest.errors import (

@@ -201,6 +201,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 seconds=args.generate_seconds, streams=2, seed=0, threads=2))
             print(f"generated {', '.join(summary['files'])} "
                   f"({summary['samples_per_second']:,.0f} samples/s)")
+        from rainforest.report import report
+
+        generated = os.path.join(args.out, "generated")
+        page = report(run, os.path.join(args.out, "report"), dataset=out,
+                      generated=generated if os.path.isdir(generated) else None,
+                      throughput=result)
+        print(f"\nreport: open {os.path.abspath(page)} in a browser")
     return 0
 
 
@@ -306,6 +313,40 @@ def _add_fetch_parser(commands) -> None:
     fe.set_defaults(handler=cmd_fetch)
 
 
+# --- report -----------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rainforest.report import report
+
+    throughput = None
+    if args.preprocess_summary:
+        with open(args.preprocess_summary, encoding="utf-8") as handle:
+            throughput = json.load(handle)
+    path = report(args.run, args.out, dataset=args.dataset, generated=args.generated,
+                  throughput=throughput)
+    print(f"report: {path}")
+    return 0
+
+
+def _add_report_parser(commands) -> None:
+    rep = commands.add_parser(
+        "report", help="write a static HTML page about a run: curves, dataset, songs",
+        description="Write OUT/index.html with its PNGs and wavs beside it (viewable offline): "
+                    "training and held-out bits per sample against the unigram entropy, the "
+                    "dataset's hours per label and failures, real and generated spectrograms "
+                    "side by side with audio players, the model config and checkpoint step.",
+    )
+    rep.add_argument("run", metavar="RUN", help="run folder written by `rainforest train`")
+    rep.add_argument("--dataset", metavar="DS",
+                     help="dataset folder or s3:// prefix (default: the one RUN trained on)")
+    rep.add_argument("--generated", metavar="DIR", help="folder written by `rainforest generate`")
+    rep.add_argument("--preprocess-summary", metavar="FILE.json",
+                     help="output of `rainforest preprocess --json`, for the throughput table")
+    rep.add_argument("--out", required=True, metavar="DIR", help="folder for index.html")
+    rep.set_defaults(handler=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rainforest",
@@ -316,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_fetch_parser(commands)
+    _add_report_parser(commands)
 
     pre = commands.add_parser(
         "preprocess", help="decode songs into a versioned dataset of mu-law shards",

@@ -14,8 +14,9 @@ stamp() { echo "$VENV/.stamp-$1"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- system packages -------------------------------------------------------------------
-# g++/make/cmake build Horovod; OpenMPI is its MPI controller; python3-venv for the venv.
-SYSTEM_PACKAGES="g++ make openmpi-bin libopenmpi-dev"
+# g++/make/cmake build Horovod; OpenMPI is its MPI controller; python3-venv for the venv;
+# chromium (headless) opens the `rainforest report` page in its test.
+SYSTEM_PACKAGES="g++ make openmpi-bin libopenmpi-dev chromium"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"

@@ -250,21 +250,22 @@ def test_rate_limit_and_concurrency_hold_on_the_server(tmp_path):
     # the network delay of one request, so allow half of it.
     assert times[-1] - times[0] >= 0.5 * (len(paths) - 1) / rate
     gaps = np.diff(times)
-    assert np.median(gaps) >= 0.8 / rate, gaps
+    assert np.median(gaps) >= 0.6 / rate, gaps
 
 
 def test_retry_after_pauses_the_whole_host(tmp_path):
     routes = {"/a.mp3": fs.failing([(503, {"Retry-After": "1"})], fs.ok(song_bytes(500, 1)))}
-    routes.update({f"/b{i}.mp3": fs.ok(song_bytes(500, i + 2), delay=0.0) for i in range(3)})
+    routes.update({f"/b{i}.mp3": fs.ok(song_bytes(500, i + 2)) for i in range(6)})
     with fs.FaultServer(routes) as server:
         fetch([Source(server.url(p)) for p in routes], str(tmp_path / "out"),
-              config=FetchConfig(**{**QUICK, "rate": 4.0, "concurrency": 4}), progress=False,
+              config=FetchConfig(**{**QUICK, "rate": 2.0, "concurrency": 4}), progress=False,
               log=lambda line: None)
         refused = server.requests_for("/a.mp3")[0]["time"]
         after = [e for e in server.log if e["time"] > refused]
-    # Every later request, to any file of this host, came after the 1 s pause (without it,
-    # the other threads would go on at 4/s while /a.mp3 waits).
-    assert {e["path"] for e in after} >= {"/a.mp3", "/b2.mp3"}
+    # /a.mp3 is among the first four of seven requests, so at least three come after its
+    # refusal: every one of them, to any file of this host, waited out the 1 s (without the
+    # host-wide pause the others would go on at 2/s while /a.mp3 waits).
+    assert len(after) >= 3 and "/a.mp3" in {e["path"] for e in after}
     assert min(e["time"] for e in after) - refused >= 0.95
 
 
