@@ -506,6 +506,8 @@ def _s3_info(source: Source, job: _Job) -> tuple[Any, str, dict[str, Any]]:
         info = fs.info(path)
     except FileNotFoundError:
         raise _Failure("no such object", retry=False) from None
+    except PermissionError as error:
+        raise _Failure(f"S3 access denied: {error}", retry=False) from None
     except OSError as error:
         raise _Failure(f"S3 error: {error}", retry=True) from None
     size = int(info.get("size") or 0)
@@ -530,6 +532,8 @@ def _fetch_s3_once(source: Source, target: str, staging: str | None,
         fs.get_file(path, staging)
     except FileNotFoundError:
         raise _Failure("no such object", retry=False) from None
+    except PermissionError as error:
+        raise _Failure(f"S3 access denied: {error}", retry=False) from None
     except OSError as error:
         raise _Failure(f"S3 error: {error}", retry=True) from None
     _sniff(staging)
@@ -704,7 +708,12 @@ def fetch(sources: Sequence[Source], out: str, *, config: FetchConfig | None = N
                                            return_when=FIRST_COMPLETED)
                     for future in done:
                         source = futures[future]
-                        result = future.result()
+                        try:
+                            result = future.result()
+                        except Exception as error:  # a bug must not cost the other files
+                            result = {"status": "failed", "attempts": None, "reason":
+                                      f"internal error ({type(error).__name__}): {error}; "
+                                      "please report it"}
                         counts[result["status"]] += 1
                         entries[source.url] = {"source": source.url, "name": names[source.url],
                                                "labels": source.labels, **result}
