@@ -65,6 +65,9 @@ _CHUNK = 1 << 16
 _MAX_NAME = 120  # bytes: well under every filesystem's 255, with room for a hash suffix
 _RESERVED_NAMES = {MANIFEST_NAME, "manifest.json", "plan.json"}
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# Every fetch.json entry has every field; a failure leaves what it never learned as null.
+_EMPTY_ENTRY = {"bytes": None, "sha256": None, "etag": None, "final_url": None,
+                "content_type": None, "remote_name": None}
 
 
 @dataclass(frozen=True)
@@ -691,7 +694,7 @@ def fetch(sources: Sequence[Source], out: str, *, config: FetchConfig | None = N
     stop = threading.Event()
     files_bar = tqdm(total=len(pending), desc="fetch", unit="file", disable=not progress,
                      dynamic_ncols=True, position=0)
-    bytes_bar = tqdm(desc="bytes", unit="B", unit_scale=True, unit_divisor=1024,
+    bytes_bar = tqdm(desc="bytes", unit="B", unit_scale=True,
                      disable=not progress, dynamic_ncols=True, position=1)
     job = _Job(config, HostLimiter(config.rate, stop), stop, bytes_bar.update)
     counts = {"ok": 0, "failed": 0}
@@ -716,7 +719,8 @@ def fetch(sources: Sequence[Source], out: str, *, config: FetchConfig | None = N
                                       "please report it"}
                         counts[result["status"]] += 1
                         entries[source.url] = {"source": source.url, "name": names[source.url],
-                                               "labels": source.labels, **result}
+                                               "labels": source.labels, **_EMPTY_ENTRY,
+                                               **result}
                         files_bar.update(1)
                     if done and time.monotonic() - last_save >= save_every:
                         _write_manifest(out, entries, config)

@@ -214,6 +214,9 @@ def test_each_fault_ends_as_its_status_in_fetch_json(tmp_path):
         assert second["time"] - first["time"] >= 0.95
         assert all(entry["user_agent"].startswith("rainforest/") for entry in server.log)
 
+    fields = {"source", "name", "status", "bytes", "sha256", "etag", "final_url", "labels",
+              "attempts", "reason", "content_type", "remote_name"}
+    assert all(set(entry) == fields for entry in entries.values())  # one schema for all
     good = entries["/good.mp3"]
     assert (good["bytes"], good["sha256"], good["etag"]) == (len(SONG), sha256(SONG), '"v1"')
     assert entries["/moved.mp3"]["final_url"] == server.url("/moved-here.mp3")
