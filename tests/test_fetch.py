@@ -188,6 +188,7 @@ EXPECTED = {  # path -> (status, reason fragment, requests the server must have 
 }
 
 
+@pytest.mark.slow
 def test_each_fault_ends_as_its_status_in_fetch_json(tmp_path):
     out = tmp_path / "out" / "songs"
     with fs.FaultServer(fault_routes()) as server:
@@ -339,23 +340,55 @@ def test_killed_fetch_reruns_to_each_file_exactly_once(tmp_path):
     assert all(entries[p]["status"] == "ok" for p in paths)
 
 
-def test_tls_certificates_are_verified(tmp_path):
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no system trust store knows."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256()))
+    key_path, cert_path = folder / "key.pem", folder / "cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def test_tls_certificates_are_verified(tmp_path, monkeypatch):
     import ssl
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    key, cert = _self_signed_certificate(tmp_path)
     with fs.FaultServer({"/a.mp3": fs.ok(SONG)}) as server:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         url = server.url("/a.mp3").replace("http://", "https://")
-        summary = fetch([Source(url)], str(tmp_path / "out"), config=FetchConfig(**QUICK),
+        refused = fetch([Source(url)], str(tmp_path / "untrusted"), config=FetchConfig(**QUICK),
                         progress=False, log=lambda line: None)
-    assert summary["failed"] == 1
-    assert "certificate" in summary["failures"][0]["reason"]
-    assert not (tmp_path / "out" / "a.mp3").exists()
+        # The same server, once its certificate is trusted, is fetched: the refusal was
+        # the verification, not a broken TLS path.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusted = fetch([Source(url)], str(tmp_path / "trusted"), config=FetchConfig(**QUICK),
+                        progress=False, log=lambda line: None)
+    assert refused["failed"] == 1 and "certificate" in refused["failures"][0]["reason"]
+    assert not (tmp_path / "untrusted" / "a.mp3").exists()
+    assert trusted["fetched"] == 1 and (tmp_path / "trusted" / "a.mp3").read_bytes() == SONG
 
 
 def test_cli_fetch_from_a_csv_reports_and_exits_3_on_failures(tmp_path):
