@@ -340,6 +340,32 @@ def test_killed_fetch_reruns_to_each_file_exactly_once(tmp_path):
     assert all(entries[p]["status"] == "ok" for p in paths)
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_keeps_the_record_and_removes_temporaries(tmp_path):
+    paths = [f"/t{i}.mp3" for i in range(8)]
+    bodies = {path: song_bytes(60_000, i) for i, path in enumerate(paths)}
+    routes = {path: fs.drip(body, chunk=2000, pause=0.05) for path, body in bodies.items()}
+    out = tmp_path / "songs"
+    with fs.FaultServer(routes) as server:
+        command = [*RAINFOREST, "fetch", *[server.url(p) for p in paths], "--out", str(out),
+                   "--rate", "20", "--concurrency", "2", "--no-progress"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                p.name.startswith(".") for p in (out.iterdir() if out.exists() else [])):
+            time.sleep(0.02)  # until a download is under way
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()
+    assert "re-run the same command to resume" in stderr.decode()
+    left = sorted(p.name for p in out.iterdir())
+    assert "fetch.json" in left and not [name for name in left if name.startswith(".")]
+    record = json.loads((out / "fetch.json").read_text())["entries"]
+    assert len(record) < len(paths)  # stopped early, and what it recorded is on disk
+    for entry in record:
+        assert (out / entry["name"]).read_bytes() == bodies["/" + entry["name"]]
+
+
 def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 that no system trust store knows."""
     import datetime
