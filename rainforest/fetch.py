@@ -675,19 +675,16 @@ def fetch(sources: Sequence[Source], out: str, *, config: FetchConfig | None = N
     config = config or FetchConfig()
     out = storage.canonical(out)
     started = time.monotonic()
+    unique: dict[str, Source] = {}
+    for source in sources:  # one download per URL, the first row's labels
+        unique.setdefault(source.url, source)
+    sources = list(unique.values())
     previous = read_fetch_manifest(out) or {"entries": []}
     entries = {e["source"]: e for e in previous["entries"]}
     names = plan_names(sources, entries)
     storage.remove_stale_staging(out)  # temporaries a killed run left behind
-
-    pending, skipped = [], 0
-    for source in sources:
-        target = storage.join(out, names[source.url])
-        if _already_fetched(entries.get(source.url), target, source):
-            entries[source.url]["labels"] = source.labels
-            skipped += 1
-        else:
-            pending.append((source, target))
+    pending = _pending(sources, out, names, entries)
+    skipped = len(sources) - len(pending)
     if skipped:
         log(f"resuming: {skipped} file(s) already fetched, {len(pending)} to go")
 
@@ -697,53 +694,79 @@ def fetch(sources: Sequence[Source], out: str, *, config: FetchConfig | None = N
     bytes_bar = tqdm(desc="bytes", unit="B", unit_scale=True,
                      disable=not progress, dynamic_ncols=True, position=1)
     job = _Job(config, HostLimiter(config.rate, stop), stop, bytes_bar.update)
-    counts = {"ok": 0, "failed": 0}
-    last_save = time.monotonic()
+
+    def record(source: Source, result: dict[str, Any]) -> None:
+        entries[source.url] = {"source": source.url, "name": names[source.url],
+                               "labels": source.labels, **_EMPTY_ENTRY, **result}
+        files_bar.update(1)
+
     try:
-        with ThreadPoolExecutor(max_workers=config.concurrency,
-                                thread_name_prefix="fetch") as pool:
-            futures = {pool.submit(fetch_one, source, target, job): source
-                       for source, target in pending}
-            try:
-                remaining = set(futures)
-                while remaining:
-                    done, remaining = wait(remaining, timeout=save_every,
-                                           return_when=FIRST_COMPLETED)
-                    for future in done:
-                        source = futures[future]
-                        try:
-                            result = future.result()
-                        except Exception as error:  # a bug must not cost the other files
-                            result = {"status": "failed", "attempts": None, "reason":
-                                      f"internal error ({type(error).__name__}): {error}; "
-                                      "please report it"}
-                        counts[result["status"]] += 1
-                        entries[source.url] = {"source": source.url, "name": names[source.url],
-                                               "labels": source.labels, **_EMPTY_ENTRY,
-                                               **result}
-                        files_bar.update(1)
-                    if done and time.monotonic() - last_save >= save_every:
-                        _write_manifest(out, entries, config)
-                        last_save = time.monotonic()
-            except BaseException:
-                stop.set()  # threads stop at their next chunk or wait
-                for future in futures:
-                    future.cancel()
-                raise
+        _download_all(pending, job, record, save=lambda: _write_manifest(out, entries, config),
+                      save_every=save_every)
     finally:
         files_bar.close()
         bytes_bar.close()
         _write_manifest(out, entries, config)
-    elapsed = time.monotonic() - started
-    fetched = [entries[s.url] for s, _ in pending if entries[s.url]["status"] == "ok"]
-    failures = [{"source": entries[s.url]["source"], "reason": entries[s.url]["reason"]}
-                for s, _ in pending if entries[s.url]["status"] == "failed"]
+    done = [entries[source.url] for source, _ in pending]
+    fetched = [e for e in done if e["status"] == "ok"]
+    failures = [{"source": e["source"], "reason": e["reason"]} for e in done
+                if e["status"] == "failed"]
     return {
         "out": out, "sources": len(sources), "fetched": len(fetched), "skipped": skipped,
         "failed": len(failures), "failures": failures,
-        "bytes": sum(e["bytes"] for e in fetched), "elapsed_seconds": elapsed,
+        "bytes": sum(e["bytes"] for e in fetched),
+        "elapsed_seconds": time.monotonic() - started,
         "manifest": storage.join(out, MANIFEST_NAME),
     }
+
+
+def _pending(sources: Sequence[Source], out: str, names: dict[str, str],
+             entries: dict[str, dict[str, Any]]) -> list[tuple[Source, str]]:
+    """(source, target) of every source not already fetched; refreshes kept entries' labels."""
+    pending = []
+    for source in sources:
+        target = storage.join(out, names[source.url])
+        if _already_fetched(entries.get(source.url), target, source):
+            entries[source.url]["labels"] = source.labels
+        else:
+            pending.append((source, target))
+    return pending
+
+
+def _download_all(pending: list[tuple[Source, str]], job: _Job,
+                  record: Callable[[Source, dict[str, Any]], None], *,
+                  save: Callable[[], None], save_every: float) -> None:
+    """Run :func:`fetch_one` over ``pending`` on ``job.config.concurrency`` threads.
+
+    Results are recorded as they finish and saved at most every ``save_every`` seconds. Any
+    exception here (Ctrl-C) stops every thread at its next chunk or wait, then propagates.
+    """
+    last_save = time.monotonic()
+    with ThreadPoolExecutor(max_workers=job.config.concurrency,
+                            thread_name_prefix="fetch") as pool:
+        futures = {pool.submit(fetch_one, source, target, job): source
+                   for source, target in pending}
+        try:
+            remaining = set(futures)
+            while remaining:
+                done, remaining = wait(remaining, timeout=save_every,
+                                       return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        result = future.result()
+                    except Exception as error:  # a bug must not cost the other files
+                        result = {"status": "failed", "attempts": None, "reason":
+                                  f"internal error ({type(error).__name__}): {error}; "
+                                  "please report it"}
+                    record(futures[future], result)
+                if done and time.monotonic() - last_save >= save_every:
+                    save()
+                    last_save = time.monotonic()
+        except BaseException:
+            job.stop.set()
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def labels_by_file(out: str, column: str | None = None) -> dict[str, str]:

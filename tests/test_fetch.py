@@ -296,6 +296,18 @@ def test_rerun_skips_what_is_fetched_and_refetches_what_changed(tmp_path):
     assert entries["/s3.mp3"]["labels"] == {"genre": "g1"}
 
 
+def test_a_url_listed_twice_is_fetched_once_with_the_first_labels(tmp_path):
+    with fs.FaultServer({"/a.mp3": fs.ok(SONG)}) as server:
+        url = server.url("/a.mp3")
+        summary = fetch([Source(url, {"genre": "first"}), Source(url, {"genre": "second"})],
+                        str(tmp_path / "out"), config=FetchConfig(**QUICK), progress=False,
+                        log=lambda line: None)
+        assert len(server.log) == 1
+    assert (summary["sources"], summary["fetched"]) == (1, 1)
+    assert entries_by_path(tmp_path / "out", server)["/a.mp3"]["labels"] == {"genre": "first"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp3", "fetch.json"]
+
+
 @pytest.mark.slow
 def test_killed_fetch_reruns_to_each_file_exactly_once(tmp_path):
     paths = [f"/track-{i:02d}.mp3" for i in range(16)]
