@@ -1,10 +1,12 @@
 """rainforest: an HPC toolkit for WaveNet song generation.
 
-Stages, one module each: ``audio`` (a song to codes), ``preprocess`` (songs to a dataset),
-``dataset`` (the dataset format and training input), ``train``, ``generate``. The model is
+Stages, one module each: ``fetch`` (songs from URLs, CSVs or S3), ``audio`` (a song to
+codes), ``preprocess`` (songs to a dataset), ``dataset`` (the dataset format and training
+input), ``train``, ``generate`` and ``report`` (one page of what happened). The model is
 ``model_config`` (its shape, without TensorFlow) and ``network`` (the Keras network). Shared
 pieces: ``config``, ``storage``, ``documents``, ``plots``, ``runlog``, ``checkpoint``,
-``cluster``, ``samples``, ``errors`` and ``cli``; the Numba kernels are ``rainforest.kernels``.
+``labels``, ``cluster``, ``samples``, ``errors`` and ``cli``; the Numba kernels are
+``rainforest.kernels``.
 """
 
 from rainforest.errors import (

@@ -38,7 +38,7 @@ _TRUNCATION_TOLERANCE = 0.01
 _SPOOL_CHUNK = 1 << 22
 
 
-def _sniff_reason(path: str) -> str | None:
+def sniff_reason(path: str) -> str | None:
     """A plain-words reason for files that are obviously not audio, or None."""
     with open(path, "rb") as handle:
         head = handle.read(512)
@@ -78,7 +78,7 @@ class SongDecoder:
                  block_frames: int = BLOCK_FRAMES) -> None:
         if block_frames <= 0:
             raise ParameterError(f"block_frames must be positive, got {block_frames}")
-        reason = _sniff_reason(path)
+        reason = sniff_reason(path)
         if reason:
             raise AudioDecodeError(reason)
         try:

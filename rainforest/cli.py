@@ -223,6 +223,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 seconds=args.generate_seconds, streams=2, seed=0, threads=2))
             print(f"generated {', '.join(summary['files'])} "
                   f"({summary['samples_per_second']:,.0f} samples/s)")
+        from rainforest.report import report
+
+        generated = os.path.join(args.out, "generated")
+        page = report(run, os.path.join(args.out, "report"), dataset=out,
+                      generated=generated if os.path.isdir(generated) else None,
+                      throughput=result)
+        print(f"\nreport: open {os.path.abspath(page)} in a browser")
     return 0
 
 
@@ -258,6 +265,98 @@ def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
         raise RainforestError(f"training failed; see the messages above (run folder {run})")
 
 
+# --- fetch ------------------------------------------------------------------------------
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from rainforest.fetch import FetchConfig, fetch, read_sources
+
+    config = FetchConfig(**given(args, FetchConfig))
+    sources = read_sources(args.sources, url_column=args.url_column,
+                           url_template=args.url_template, label_columns=args.label_column)
+    if not sources:
+        raise RainforestError(f"no URLs found in {args.sources}; a text file needs one URL per "
+                              "line, a CSV needs --url-column or --url-template")
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    summary = fetch(sources, args.out, config=config, progress=not args.no_progress, log=log)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"\n{summary['fetched']} file(s) fetched ({summary['bytes'] / 1e6:.1f} MB) in "
+              f"{summary['elapsed_seconds']:.1f} s, {summary['skipped']} already there, "
+              f"{summary['failed']} failed; record: {summary['manifest']}")
+        for failure in summary["failures"][:20]:
+            print(f"  FAILED {failure['source']}: {failure['reason']}")
+        if summary["failed"] > 20:
+            print(f"  ... and {summary['failed'] - 20} more (see {summary['manifest']})")
+    return EXIT_SOME_SONGS_FAILED if summary["failed"] else 0
+
+
+def _add_fetch(commands) -> None:
+    from rainforest.fetch import FetchConfig
+
+    fe = commands.add_parser(
+        "fetch", help="download songs politely and resumably into a folder or s3:// prefix",
+        description="Download songs from a text file of URLs, a metadata CSV (a URL column, or "
+                    "a URL template filled from the row; FMA-style two-level headers are "
+                    "flattened to group.column), http(s) URLs or an s3:// prefix. Polite: one "
+                    "rate limit per host, retries with backoff, Retry-After honoured. "
+                    "Resumable: files already fetched (same size and sha256 or ETag) are "
+                    "skipped. Every source is recorded in OUT/fetch.json with its status, "
+                    "sha256, final URL, labels and failure reason (exit status 3 if any "
+                    "failed).",
+    )
+    fe.add_argument("sources", nargs="+", metavar="SOURCE",
+                    help="URLs file (one per line), CSV file, http(s) URL or s3:// prefix")
+    fe.add_argument("--out", required=True, metavar="URL",
+                    help="folder or s3:// prefix for the songs and fetch.json")
+    fe.add_argument("--url-column", metavar="NAME", help="CSV column holding each song's URL")
+    fe.add_argument("--url-template", metavar="TEMPLATE",
+                    help="URL built from CSV columns, e.g. "
+                         "'https://host/{track_id:06d[:3]}/{track_id:06d}.mp3' (a trailing "
+                         "[a:b] in a field's format slices it)")
+    fe.add_argument("--label-column", action="append", default=[], metavar="NAME",
+                    help="CSV column to keep as a label (repeatable), e.g. track.genre_top")
+    fe.add_argument("--no-progress", action="store_true", help="no progress bars")
+    fe.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_config_options(fe, FetchConfig, title="politeness and safety")
+    fe.set_defaults(handler=cmd_fetch)
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rainforest.report import report
+
+    throughput = None
+    if args.preprocess_summary:
+        with open(args.preprocess_summary, encoding="utf-8") as handle:
+            throughput = json.load(handle)
+    path = report(args.run, args.out, dataset=args.dataset, generated=args.generated,
+                  throughput=throughput)
+    print(f"report: {path}")
+    return 0
+
+
+def _add_report(commands) -> None:
+    rep = commands.add_parser(
+        "report", help="write a static HTML page about a run: curves, dataset, songs",
+        description="Write OUT/index.html with its PNGs and wavs beside it (viewable offline): "
+                    "training and held-out bits per sample against the unigram entropy, the "
+                    "dataset's hours per label and failures, real and generated spectrograms "
+                    "side by side with audio players, the model config and checkpoint step.",
+    )
+    rep.add_argument("run", metavar="RUN", help="run folder written by `rainforest train`")
+    rep.add_argument("--dataset", metavar="DS",
+                     help="dataset folder or s3:// prefix (default: the one RUN trained on)")
+    rep.add_argument("--generated", metavar="DIR", help="folder written by `rainforest generate`")
+    rep.add_argument("--preprocess-summary", metavar="FILE.json",
+                     help="output of `rainforest preprocess --json`, for the throughput table")
+    rep.add_argument("--out", required=True, metavar="DIR", help="folder for index.html")
+    rep.set_defaults(handler=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rainforest",
@@ -267,14 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_preprocess, _add_train, _add_generate, _add_inspect, _add_demo):
+    for add in (_add_fetch, _add_preprocess, _add_train, _add_generate, _add_report,
+                _add_inspect, _add_demo):
         add(commands)
     return parser
 
 
 def _add_preprocess(commands) -> None:
     from rainforest.config import AudioConfig
-    from rainforest.preprocess import LABEL_MODES, SONGS_PER_SHARD
+    from rainforest.labels import LABEL_HELP, NO_LABELS
+    from rainforest.preprocess import SONGS_PER_SHARD
 
     pre = commands.add_parser(
         "preprocess", help="decode songs into a versioned dataset of mu-law shards",
@@ -292,9 +393,8 @@ def _add_preprocess(commands) -> None:
                      help="dataset folder or s3:// prefix to write (or resume)")
     pre.add_argument("--songs-per-shard", type=int, default=SONGS_PER_SHARD,
                      help="songs per shard, the unit of work (default: %(default)s)")
-    pre.add_argument("--labels", choices=LABEL_MODES, default=LABEL_MODES[0],
-                     help="'parent' labels each song with its folder name, e.g. a genre folder, "
-                          "for global conditioning (default: %(default)s)")
+    pre.add_argument("--labels", default=NO_LABELS, metavar="none|parent|fetch[:COL]|FILE.csv:COL",
+                     help=LABEL_HELP + " (default: %(default)s)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bars")
     pre.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_config_options(pre, AudioConfig, title="audio")
@@ -324,7 +424,7 @@ def _add_train(commands) -> None:
                     help=f"model config: a preset ({', '.join(PRESETS)}) or a JSON file with "
                          "ModelConfig fields (default: the 'default' preset)")
     tr.add_argument("--condition", action="store_true",
-                    help="condition on the songs' labels (preprocess with --labels parent)")
+                    help="condition on the songs' labels (preprocess with --labels)")
     tr.add_argument("--resume", action="store_true",
                     help="continue RUN from its latest checkpoint with its saved settings; "
                          "--steps may raise the total, other settings given are ignored with "

@@ -32,7 +32,7 @@ from rainforest.errors import AudioDecodeError, CheckpointError, ParameterError
 from rainforest.kernels import mulaw_decode
 from rainforest.kernels.fused_loop import FusedNetwork, StreamState, generate_codes
 from rainforest.model_config import ModelConfig, block_name, weight_layout
-from rainforest.plots import png_figure
+from rainforest.plots import spectrogram_png
 
 
 def silence_code(classes: int) -> int:
@@ -328,16 +328,8 @@ def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool
                             format="WAV")
         paths.append(path)
         if plot and samples.shape[0] >= 256:
-            _spectrogram(samples, audio.sample_rate, path[:-4] + ".png")
+            spectrogram_png(samples, audio.sample_rate, path[:-4] + ".png")
     return paths
-
-
-def _spectrogram(samples: np.ndarray, rate: int, path: str) -> None:
-    with png_figure(path, size=(8, 3.5)) as axis:
-        axis.specgram(samples, NFFT=512, Fs=rate, noverlap=384, cmap="magma")
-        axis.set_xlabel("time (s)")
-        axis.set_ylabel("frequency (Hz)")
-        axis.set_title(os.path.basename(path)[:-4])
 
 
 def stream_label_ids(model: ModelConfig, label: str | None, streams: int) -> list[int]:

@@ -34,3 +34,14 @@ def png_figure(path: str, *, size: tuple[float, float], dpi: int = 100,
             figure.savefig(staging, format="png")
     finally:
         plt.close(figure)
+
+
+def spectrogram_png(samples, rate: int, path: str) -> None:
+    """A spectrogram of mono ``samples`` at ``rate`` Hz, titled with the file's stem."""
+    import os
+
+    with png_figure(path, size=(8, 3.5)) as axis:
+        axis.specgram(samples, NFFT=512, Fs=rate, noverlap=384, cmap="magma")
+        axis.set_xlabel("time (s)")
+        axis.set_ylabel("frequency (Hz)")
+        axis.set_title(os.path.splitext(os.path.basename(path))[0])

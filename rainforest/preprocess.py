@@ -42,11 +42,12 @@ from rainforest.dataset import (
     shard_name,
 )
 from rainforest.errors import AudioDecodeError, ParameterError
+from rainforest.labels import NO_LABELS
+from rainforest.labels import resolve as resolve_labels
 
 #: Songs per shard unless told otherwise: small enough to spread a few dozen songs over a
 #: cluster, large enough that thousands of songs do not make thousands of files.
 SONGS_PER_SHARD = 8
-LABEL_MODES = ("none", "parent")
 
 _NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place once the length is known
 
@@ -62,7 +63,9 @@ def identify(source: storage.SourceFile) -> dict[str, Any]:
         return {"source": source.url, "size": source.size, "reason": f"cannot read: {error}"}
 
 
-def _label(url: str, mode: str) -> str | None:
+def _label(url: str, mode) -> str | None:
+    if callable(mode):  # fetch.json or a CSV column, from rainforest.labels.resolve
+        return mode(url)
     if mode == "parent":
         return posixpath.basename(posixpath.dirname(url.replace(os.sep, "/"))) or None
     return None
@@ -302,7 +305,7 @@ def preprocess(
     cluster: str = "local",
     cluster_settings: Any = None,
     songs_per_shard: int = SONGS_PER_SHARD,
-    labels: str = LABEL_MODES[0],
+    labels: str = NO_LABELS,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -323,9 +326,10 @@ def preprocess(
         The cluster's own settings, e.g. a :class:`~rainforest.cluster.SlurmSettings`.
     songs_per_shard : int
         Songs per shard (the unit of work and of the progress bar).
-    labels : {"none", "parent"}
+    labels : str
         ``"parent"`` labels each song with its folder's name (e.g. a genre folder), for
-        global conditioning.
+        global conditioning; ``"fetch[:COLUMN]"`` takes the labels ``rainforest fetch``
+        recorded, ``"FILE.csv:COLUMN"`` a metadata CSV's column (see :mod:`rainforest.labels`).
     progress : bool
         Show progress bars.
     log : callable
@@ -345,8 +349,7 @@ def preprocess(
     config = config or AudioConfig()
     if songs_per_shard < 1:
         raise ParameterError(f"songs_per_shard must be >= 1, got {songs_per_shard}")
-    if labels not in LABEL_MODES:
-        raise ParameterError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    labels = resolve_labels(labels)
     out = storage.canonical(out)
     started = time.perf_counter()
     listed = storage.list_sources(sources)

@@ -83,13 +83,27 @@ class RankZeroLog:
             self.log(f"note: could not draw {CURVES_NAME} ({error})")
 
 
+def read_metrics(run: str) -> list[dict[str, float]]:
+    """The rows of ``RUN/metrics.jsonl`` (empty if the run has none yet)."""
+    path = os.path.join(run, METRICS_NAME)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def plot_curves(run: str) -> str:
     """Draw training and held-out bits per sample from ``metrics.jsonl`` into ``curves.png``."""
-    with open(os.path.join(run, METRICS_NAME), encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle]
     path = os.path.join(run, CURVES_NAME)
+    draw_curves(read_metrics(run), path)
+    return path
+
+
+def draw_curves(rows: list[dict[str, float]], path: str) -> None:
+    """Training and held-out bits per sample against the held-out codes' unigram entropy."""
     with png_figure(path, size=(7, 4)) as axes:
-        axes.plot([r["step"] for r in rows], [r["loss_bits"] for r in rows], lw=0.8,
+        trained = [r for r in rows if "loss_bits" in r]
+        axes.plot([r["step"] for r in trained], [r["loss_bits"] for r in trained], lw=0.8,
                   label="training")
         held = [r for r in rows if "validation_bits" in r]
         if held:
@@ -101,4 +115,3 @@ def plot_curves(run: str) -> str:
         axes.set_ylabel("bits per sample")
         axes.legend()
         axes.grid(alpha=0.3)
-    return path

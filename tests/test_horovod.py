@@ -120,6 +120,9 @@ def test_demo_runs_end_to_end_with_two_gloo_ranks(tmp_path):
     assert "horovodrun -np 2 -H localhost:2 --gloo" in result.stdout
     assert "done: step 6 on 2 rank(s)" in result.stdout
     assert checkpoint.read_config(checkpoint.latest(str(out / "run")))["step"] == 6
+    assert f"report: open {out / 'report' / 'index.html'} in a browser" in result.stdout
+    page = (out / "report" / "index.html").read_text()
+    assert 'src="generated-stream-001.wav"' in page and 'src="real-00.png"' in page
     again = _launch(None, sys.executable, "-m", "rainforest.cli", "demo", "--songs",
                     tmp_path / "songs", "--out", out, "--cluster", "sync",
                     "--train-steps", "6", "--train-config", "tiny")

@@ -14,10 +14,11 @@ from rainforest.cluster import SlurmSettings
 from rainforest.config import AudioConfig, cli_fields, flag_of
 from rainforest.documents import check_format
 from rainforest.errors import DatasetFormatError, ParameterError
+from rainforest.fetch import FetchConfig
 from rainforest.generate import GenerationConfig
 from rainforest.train import TrainConfig
 
-CONFIGS = [AudioConfig, TrainConfig, GenerationConfig, SlurmSettings]
+CONFIGS = [AudioConfig, TrainConfig, GenerationConfig, SlurmSettings, FetchConfig]
 
 
 def _leftovers(folder) -> list[str]:
@@ -122,7 +123,7 @@ def test_command_line_options_come_from_the_config_declarations(cls):
 
 def test_help_shows_each_declared_default_and_choice(capsys):
     fields = [("train", TrainConfig), ("generate", GenerationConfig),
-              ("preprocess", AudioConfig), ("preprocess", SlurmSettings)]
+              ("preprocess", AudioConfig), ("preprocess", SlurmSettings), ("fetch", FetchConfig)]
     for command, cls in fields:
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
