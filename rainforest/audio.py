@@ -99,6 +99,7 @@ class SongDecoder:
         self.format = f"{self._file.format}/{self._file.subtype}"
         self.header_frames = int(self._file.frames)
         self.decoded_frames = 0
+        self.non_finite = 0  # NaN or infinite mono samples, replaced before resampling
         self.stopped_by: str | None = None
         self._quality = quality
         self._block_frames = block_frames
@@ -153,6 +154,7 @@ class SongDecoder:
                 block[:] = frames[:, 0]
             else:
                 downmix(frames, out=block)
+            self._repair(block)
             yield resampler.resample_chunk(block) if resampler else block
             if n < self._block_frames:
                 break
@@ -160,6 +162,23 @@ class SongDecoder:
             tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
             if tail.size:
                 yield tail
+
+    def _repair(self, block: np.ndarray) -> None:
+        """NaN becomes silence and +-Inf full scale, so one bad sample cannot smear (soxr
+        would spread a NaN over its whole filter) or stop the song; they are counted."""
+        bad = block.size - int(np.count_nonzero(np.isfinite(block)))
+        if bad:
+            self.non_finite += bad
+            np.nan_to_num(block, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of the manifest should know about how this song decoded."""
+        notes = [self.truncation] if self.truncation else []
+        if self.non_finite:
+            notes.append(f"repaired {self.non_finite} non-finite sample(s) (NaN as silence, "
+                         "infinities as full scale)")
+        return notes
 
     @property
     def truncation(self) -> str | None:
@@ -240,8 +259,7 @@ def encode_song(path: str, config: AudioConfig, sink, *, spool_dir: str | None =
             peak = max(peak, peak_amplitude(encoded))
             spool.write(encoded.tobytes())
             length += encoded.shape[0]
-        if length == 0:
-            raise AudioDecodeError("no audio: the file decodes to 0 samples")
+        _check_usable(song, length, config)
         floor = 10.0 ** (config.silence_floor_db / 20.0)
         if peak < floor:
             level = 20 * math.log10(peak) if peak > 0 else -math.inf
@@ -268,9 +286,23 @@ def encode_song(path: str, config: AudioConfig, sink, *, spool_dir: str | None =
             "length": kept,
             "seconds": round(kept / config.sample_rate, 6),
         }
-        if song.truncation:
-            fields["note"] = song.truncation
+        if song.notes:
+            fields["note"] = "; ".join(song.notes)
         return fields
+
+
+def _check_usable(song: SongDecoder, length: int, config: AudioConfig) -> None:
+    """Refuse a song with no usable samples, or too few even before trimming."""
+    if song.decoded_frames == 0:
+        raise AudioDecodeError("no audio: the file decodes to 0 samples")
+    if song.non_finite >= song.decoded_frames:
+        raise AudioDecodeError(
+            f"no usable audio: all {song.decoded_frames} samples are NaN or infinite")
+    if length < config.min_seconds * config.sample_rate or length == 0:
+        raise AudioDecodeError(
+            f"too short: {song.decoded_frames} frame(s) at {song.source_rate} Hz give "
+            f"{length / config.sample_rate:.3f} s at {config.sample_rate} Hz (at least "
+            f"{config.min_seconds:g} s needed)")
 
 
 def _libsndfile_message(error: Exception) -> str:

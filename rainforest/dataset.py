@@ -144,14 +144,37 @@ class Dataset:
             self._mapped[name] = codes
         return self._mapped[name]
 
+    def verify_shards(self, names) -> None:
+        """Check shards against the manifest's sha256 before they are trained on.
+
+        Local shards are hashed once per change (:func:`rainforest.storage.verified_sha256`);
+        remote ones are checked when they are downloaded into the cache.
+
+        Raises
+        ------
+        DatasetFormatError
+            Naming the first shard whose bytes are not the ones the manifest recorded.
+        """
+        for name in sorted(set(names)):
+            shard = self.shards[name]
+            url = storage.join(self.url, shard["path"])
+            if storage.is_remote(url):
+                continue
+            if not os.path.exists(url):
+                raise DatasetFormatError(f"{url} is missing; the dataset is damaged. Re-run "
+                                         "`rainforest preprocess` into a new folder")
+            if storage.verified_sha256(url) != shard["sha256"]:
+                raise DatasetFormatError(
+                    f"{url} does not match the sha256 in {MANIFEST_NAME}: the shard was "
+                    "changed or damaged after preprocessing. Re-run `rainforest preprocess` "
+                    "into a new folder (or delete this shard and its .json record and re-run "
+                    "the same preprocess command to rebuild it)")
+
     def song_codes(self, song: Song) -> np.ndarray:
         return self.shard_codes(song.shard)[song.offset : song.offset + song.length]
 
     def _local_copy(self, url: str, shard: dict[str, Any]) -> str:
-        cache = self._cache_dir or os.path.join(
-            os.environ.get("RAINFOREST_CACHE", os.path.expanduser("~/.cache/rainforest")),
-            "shards",
-        )
+        cache = self._cache_dir or os.path.join(storage.cache_root(), "shards")
         os.makedirs(cache, exist_ok=True)
         path = os.path.join(cache, f"{shard['sha256']}.npy")
         if not os.path.exists(path):

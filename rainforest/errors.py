@@ -23,3 +23,7 @@ class DatasetFormatError(RainforestError):
 
 class CheckpointError(RainforestError):
     """A checkpoint is missing, damaged, foreign, or of an unknown format version."""
+
+
+class StorageError(RainforestError):
+    """Input or output storage failed (full, gone, unreachable); the run stops and resumes."""

@@ -41,7 +41,7 @@ from rainforest.dataset import (
     check_header,
     shard_name,
 )
-from rainforest.errors import AudioDecodeError, ParameterError
+from rainforest.errors import AudioDecodeError, ParameterError, StorageError
 from rainforest.labels import NO_LABELS
 from rainforest.labels import resolve as resolve_labels
 
@@ -56,11 +56,21 @@ _NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place once t
 
 
 def identify(source: storage.SourceFile) -> dict[str, Any]:
-    """Size and sha256 of one source, or the reason it cannot be read."""
+    """Size and sha256 of one source, or the reason it cannot be used.
+
+    A local file that cannot be read is that song's problem; an object store that fails is
+    the run's, so it raises :class:`StorageError` instead of failing every song.
+    """
+    entry = {"source": source.url, "size": source.size}
+    if source.problem:
+        return {**entry, "reason": source.problem}
+    if storage.is_remote(source.url):
+        with storage.reported(f"reading {source.url}"):
+            return {**entry, "sha256": storage.sha256_of(source.url)}
     try:
-        return {"source": source.url, "size": source.size, "sha256": storage.sha256_of(source.url)}
+        return {**entry, "sha256": storage.sha256_of(source.url)}
     except OSError as error:
-        return {"source": source.url, "size": source.size, "reason": f"cannot read: {error}"}
+        return {**entry, "reason": f"cannot read: {error}"}
 
 
 def _label(url: str, mode) -> str | None:
@@ -176,42 +186,64 @@ def _npy_header(length: int) -> bytes:
 
 
 def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> dict[str, Any]:
-    """Build one shard and its record; runs on a Dask worker."""
+    """Build one shard and its record; runs on a Dask worker.
+
+    A song that cannot be used is recorded as failed and the shard goes on. Storage that
+    fails (a source that cannot be read, an output that is full or gone) raises
+    :class:`StorageError`: the run stops, nothing half-written stays, and a re-run resumes.
+    A shard all of whose songs failed gets a record but no ``.npy``.
+    """
     shard_dir = storage.join(out, SHARD_DIR)
-    writer = ShardWriter(storage.join(shard_dir, shard["name"] + ".npy"))
-    songs, failed = [], []
-    try:
-        with tempfile.TemporaryDirectory(prefix="rainforest-") as scratch:
-            for spec in shard["songs"]:
-                base = {"source": spec["source"], "source_size": spec["size"],
-                        "source_sha256": spec["sha256"]}
-                offset = writer.samples
-                try:
-                    local = storage.fetch_to_local(spec["source"], scratch)
-                    try:
-                        fields = encode_song(local, config, writer, spool_dir=scratch)
-                    finally:
-                        if local != spec["source"]:
-                            os.remove(local)
-                except Exception as error:  # a bad song, or a bug, must not stop the run
-                    writer.rollback(offset)  # nothing of this song stays in the shard
-                    reason = str(error) if isinstance(error, AudioDecodeError) else (
-                        f"internal error ({type(error).__name__}): {error}; please report it")
-                    failed.append({**base, "reason": reason})
-                    continue
-                songs.append({**base, **fields, "id": spec["sha256"][:16], "label": spec["label"],
-                              "shard": shard["name"], "offset": offset})
-        size, digest = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    record = {
-        "format": SHARD_FORMAT, "version": VERSION, "name": shard["name"],
-        "path": f"{SHARD_DIR}/{shard['name']}.npy", "samples": writer.samples, "bytes": size,
-        "sha256": digest, "songs": songs, "failed": failed,
-    }
-    storage.write_json_atomic(storage.join(shard_dir, shard["name"] + ".json"), record)
+    target = storage.join(shard_dir, shard["name"] + ".npy")
+    with storage.reported(f"writing shard {shard['name']} of {out}"):
+        writer = ShardWriter(target)
+        try:
+            with tempfile.TemporaryDirectory(prefix="rainforest-") as scratch:
+                songs, failed = _encode_songs(shard, writer, config, scratch)
+            size, digest = writer.commit() if songs else (0, None)
+            if not songs:
+                writer.abort()
+        except BaseException:
+            writer.abort()
+            raise
+        record = {
+            "format": SHARD_FORMAT, "version": VERSION, "name": shard["name"],
+            "path": f"{SHARD_DIR}/{shard['name']}.npy" if songs else None,
+            "samples": writer.samples, "bytes": size, "sha256": digest, "songs": songs,
+            "failed": failed,
+        }
+        storage.write_json_atomic(storage.join(shard_dir, shard["name"] + ".json"), record)
     return record
+
+
+def _encode_songs(shard: dict[str, Any], writer: ShardWriter, config: AudioConfig,
+                  scratch: str) -> tuple[list[dict], list[dict]]:
+    songs, failed = [], []
+    for spec in shard["songs"]:
+        base = {"source": spec["source"], "source_size": spec["size"],
+                "source_sha256": spec["sha256"]}
+        offset = writer.samples
+        with storage.reported(f"reading {spec['source']}"):
+            local = storage.fetch_to_local(spec["source"], scratch)
+        try:
+            fields = encode_song(local, config, writer, spool_dir=scratch)
+        except (AudioDecodeError, OSError, StorageError) as error:
+            writer.rollback(offset)  # nothing of this song stays in the shard
+            if not isinstance(error, AudioDecodeError):
+                raise  # full disk, lost file: the storage's fault, not the song's
+            failed.append({**base, "reason": str(error)})
+            continue
+        except Exception as error:  # a bug must not stop the run; the song is listed
+            writer.rollback(offset)
+            failed.append({**base, "reason": f"internal error ({type(error).__name__}): "
+                                             f"{error}; please report it"})
+            continue
+        finally:
+            if local != spec["source"]:
+                os.remove(local)
+        songs.append({**base, **fields, "id": spec["sha256"][:16], "label": spec["label"],
+                      "shard": shard["name"], "offset": offset})
+    return songs, failed
 
 
 # ----------------------------------------------------------------------------- run
@@ -262,7 +294,7 @@ def build_manifest(config: AudioConfig, records: dict[str, dict[str, Any]],
         "seconds": round(samples / config.sample_rate, 6),
         "shards": [{"name": r["name"], "path": r["path"], "samples": r["samples"],
                     "bytes": r["bytes"], "sha256": r["sha256"], "songs": len(r["songs"])}
-                   for r in ordered],
+                   for r in ordered if r["songs"]],
         "songs": songs,
         "labels": sorted({s["label"] for s in songs if s["label"] is not None}),
         "failed": failed,
@@ -384,7 +416,8 @@ def preprocess(
     unreadable = [{"source": e["source"], "source_size": e["size"], "reason": e["reason"]}
                   for e in plan.identified if "reason" in e]
     manifest = build_manifest(config, records, unreadable, plan.duplicates)
-    storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
+    with storage.reported(f"writing the manifest of {out}"):
+        storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
     return _summary(out, manifest, new_records, plan, time.perf_counter() - started)
 
 
@@ -409,10 +442,11 @@ def _plan_run(client, listed, out: str, config: AudioConfig, old_plan, *, songs_
         identified, done=done, completed_shards=set(records), old_plan=old_plan,
         songs_per_shard=songs_per_shard, label_mode=labels,
     )
-    storage.write_json_atomic(storage.join(out, PLAN_NAME), {
-        "format": PLAN_FORMAT, "version": VERSION, "audio": config.to_dict(),
-        "songs_per_shard": songs_per_shard, "shards": shards,
-    })
+    with storage.reported(f"writing the plan of {out}"):
+        storage.write_json_atomic(storage.join(out, PLAN_NAME), {
+            "format": PLAN_FORMAT, "version": VERSION, "audio": config.to_dict(),
+            "songs_per_shard": songs_per_shard, "shards": shards,
+        })
     pending = [shard for shard in shards if shard["name"] not in records]
     skipped = len({_identity(e) for e in identified if "sha256" in e} & done)
     return _RunPlan(identified, records, duplicates, pending, skipped)

@@ -25,7 +25,7 @@ import soundfile
 
 from rainforest import storage
 from rainforest.errors import ParameterError, RainforestError
-from rainforest.storage import TEMP_MARKER
+from rainforest.storage import TEMP_MARKER, cache_root
 
 #: The package :func:`debian_music` fetches when none is named.
 DEFAULT_PACKAGE = "wesnoth-1.16-music"
@@ -42,23 +42,6 @@ _MARKER = ".rainforest-complete.json"
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _APT_TIMEOUT_S = 3600
 _MP3_BLOCK_FRAMES = 1 << 16
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``cache_dir`` if given, else ``$RAINFOREST_CACHE``, else
-    ``~/.cache/rainforest``.
-
-    Examples
-    --------
-    >>> cache_root("/tmp/songs")
-    PosixPath('/tmp/songs')
-    """
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("RAINFOREST_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "rainforest"
 
 
 def debian_music(package: str = DEFAULT_PACKAGE, *,

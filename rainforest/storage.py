@@ -8,6 +8,8 @@ carries a final name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,11 +19,12 @@ import tempfile
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
 
-from rainforest.errors import ParameterError
+from rainforest.errors import ParameterError, RainforestError, StorageError
 
 #: File name endings searched for when a source is a directory.
 AUDIO_EXTENSIONS = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".wav", ".wave", ".aif", ".aiff")
@@ -32,10 +35,61 @@ TEMP_MARKER = ".tmp-"
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A song's location and size, as listed before any decoding."""
+    """A song's location and size, as listed before any decoding.
+
+    ``problem`` says why a listed path cannot be a song (a broken or looping link).
+    """
 
     url: str
     size: int
+    problem: str | None = None
+
+
+# Exceptions of the object-store clients that mean "the store failed", beside OSError.
+_STORE_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3"}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from the storage itself (full, gone, unreachable)."""
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in _STORE_MODULES
+
+
+@contextlib.contextmanager
+def reported(action: str):
+    """Turn a storage failure during ``action`` into a :class:`StorageError` that says what
+    happened and what to do; other errors pass through unchanged."""
+    try:
+        yield
+    except RainforestError:
+        raise
+    except Exception as error:
+        if not is_storage_failure(error):
+            raise
+        cause = f"{type(error).__name__}: {error}"
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            cause = f"no space left on the device ({error})"
+        raise StorageError(
+            f"{action} failed: {cause}. Fix the storage (free space, check the path, the "
+            "mount or the object store), then re-run the same command: finished work is kept"
+        ) from None
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache folder: ``cache_dir`` if given, else ``$RAINFOREST_CACHE``, else
+    ``~/.cache/rainforest``.
+
+    Examples
+    --------
+    >>> cache_root("/tmp/songs")
+    PosixPath('/tmp/songs')
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("RAINFOREST_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rainforest"
 
 
 def is_remote(url: str) -> bool:
@@ -76,19 +130,86 @@ def list_sources(sources: Iterable[str]) -> list[SourceFile]:
     A file named explicitly is taken whatever its extension. The result is sorted by URL and
     free of repeats, so the same inputs always give the same list.
     """
-    found: dict[str, int] = {}
+    found: dict[str, SourceFile] = {}
     for source in sources:
         source = canonical(str(source))
+        if not is_remote(source) and os.path.isdir(source):
+            found.update((f.url, f) for f in _walk_local(source))
+            continue
         fs, path = filesystem(source)
         if not fs.exists(path):
             raise ParameterError(f"no such file or directory: {source}")
         if fs.isdir(path):
             for child, info in fs.find(path, detail=True).items():
                 if info.get("type") == "file" and child.lower().endswith(AUDIO_EXTENSIONS):
-                    found[_url_for(fs, child, source)] = int(info["size"])
+                    url = _url_for(fs, child, source)
+                    found[url] = SourceFile(url, int(info["size"]))
         else:
-            found[source] = int(fs.size(path))
-    return [SourceFile(url, size) for url, size in sorted(found.items())]
+            found[source] = SourceFile(source, int(fs.size(path)))
+    return [found[url] for url in sorted(found)]
+
+
+def _walk_local(root: str) -> list[SourceFile]:
+    """Audio files under ``root``, following symbolic links to files and to folders.
+
+    Music libraries are often curated with links. A link that points back into a folder being
+    walked (a loop), or to nothing, is listed with its problem instead of being followed.
+    """
+    listed: list[SourceFile] = []
+    ancestors: list[tuple[int, int]] = []
+
+    def walk(folder: str) -> None:
+        info = os.stat(folder)
+        key = (info.st_dev, info.st_ino)
+        if key in ancestors:
+            listed.append(SourceFile(folder, 0, f"symbolic link loop: {folder} leads back to "
+                                                f"{os.path.realpath(folder)}; not followed"))
+            return
+        ancestors.append(key)
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            try:
+                is_dir = entry.is_dir()  # follows links
+                size = None if is_dir else entry.stat().st_size
+            except OSError as error:  # a broken link, or a link loop between files
+                if entry.name.lower().endswith(AUDIO_EXTENSIONS) or entry.is_symlink():
+                    target = os.readlink(entry.path) if entry.is_symlink() else "?"
+                    listed.append(SourceFile(entry.path, 0, f"broken symbolic link to "
+                                                           f"{target} ({error.strerror})"))
+                continue
+            if is_dir:
+                walk(entry.path)
+            elif entry.name.lower().endswith(AUDIO_EXTENSIONS) and entry.is_file():
+                listed.append(SourceFile(entry.path, size))
+        ancestors.pop()
+
+    walk(root)
+    return listed
+
+
+def verified_sha256(path: str) -> str:
+    """sha256 of the local file ``path``, remembered by size and modification time.
+
+    The cache (``cache_root()/verified-sha256.json``) lets a re-run skip re-hashing files that
+    have not changed; any change of size or mtime hashes the file again.
+    """
+    info = os.stat(path)
+    key, stamp = os.path.realpath(path), [info.st_size, info.st_mtime_ns]
+    cache = os.path.join(cache_root(), "verified-sha256.json")
+    try:
+        with open(cache, encoding="utf-8") as handle:
+            known = json.load(handle)
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if entry and entry[:2] == stamp:
+        return entry[2]
+    digest = sha256_of(path)
+    known[key] = [*stamp, digest]
+    try:
+        write_json_atomic(cache, known)
+    except OSError:  # a read-only home is no reason to stop; the next run hashes again
+        pass
+    return digest
 
 
 def sha256_of(url: str) -> str:

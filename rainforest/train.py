@@ -413,7 +413,9 @@ def training_input(dataset: Dataset, state: TrainingState, *, rank: int,
     training, held_out = split_songs(dataset.songs,
                                      validation_fraction=config.validation_fraction)
     label_ids = {name: i for i, name in enumerate(model.labels)} or None
-    sampler = WindowSampler(dataset, rank_share(training, rank=rank, size=size),
+    share = rank_share(training, rank=rank, size=size)
+    dataset.verify_shards(song.shard for song in share + held_out)
+    sampler = WindowSampler(dataset, share,
                             window=window, target_length=config.target_length,
                             batch_size=config.batch_size, seed=config.seed, rank=rank,
                             label_ids=label_ids)
