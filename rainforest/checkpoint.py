@@ -125,15 +125,24 @@ def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int)
         with open(os.path.join(staging, CONFIG_NAME), "wb") as handle:
             handle.write(storage.dumps_json(document))
         if os.path.exists(final):
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     storage.write_bytes_atomic(os.path.join(root, LATEST), step_name(step).encode() + b"\n")
     for old in list_checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(folder: str) -> None:
+    """Delete a checkpoint folder, renaming it out of the listing first: a process killed
+    part way through the deletion leaves a hidden ``.tmp-`` folder, not a listed checkpoint
+    with files missing."""
+    doomed = tempfile.mkdtemp(prefix=storage.TEMP_MARKER, dir=os.path.dirname(folder))
+    os.rename(folder, os.path.join(doomed, os.path.basename(folder)))
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_arrays(path: str, arrays: list[tuple[str, np.ndarray]]) -> None:
