@@ -3,8 +3,8 @@
 Run with ``python benchmarks/generate.py [--rounds N]``. Every round times, side by side so
 that machine noise hits all alike (the medians over rounds are printed):
 
-* fused, 1 stream, 1 core:   ``generate_codes`` (the single-stream row-product path);
-* fused, B = 8 and 32, 1 core: one call, the batched block-product path;
+* fused, 1 stream, 1 core:   ``generate_codes`` (the blocked product's one-stream path);
+* fused, B = 8 and 32, 1 core: one call, the blocked product's 4-stream blocks;
 * fused, B = 32, all cores:  the streams shared among one thread per core (nogil kernel),
   as ``rainforest generate --threads`` does;
 * naive:  the full Keras model over the last receptive field for every sample (the approach

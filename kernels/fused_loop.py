@@ -28,9 +28,11 @@ input at time ``tau`` in row ``ring_offsets[l] + tau % dilations[l]``; ``last_co
 the codes at times t-1 and t; ``rng_states`` (B,) one splitmix64 state per stream. Step ``t``
 reads those, computes the logits of the code at ``t + 1`` and samples it.
 
-Matrix products are written row-times-vector with the output index innermost, so each weight
-row is read once per step for all B streams (a batched product) and the inner loop is a
-contiguous, vectorisable multiply-add. ``tanh`` and ``sigmoid`` use :func:`_exp32`, a
+Matrix products (:func:`_product`) are written row-times-vector with the output index
+innermost, in blocks of 4 streams x 4 weight rows, so each weight row is read once per step for
+every 4 streams and the inner loop is a contiguous, vectorisable multiply-add. Every output is
+summed in the same order whatever the number of streams, so the codes of a stream do not
+depend on how many streams share its call. ``tanh`` and ``sigmoid`` use :func:`_exp32`, a
 polynomial exponential the compiler can vectorise (libm's ``expf`` is a scalar call).
 """
 
@@ -144,92 +146,76 @@ def _sample(logits, temperature, states, stream, weights):
     return best  # only reached through rounding at the very top of the CDF
 
 
-@njit(**_GENERATE_OPTIONS)
-def _row_product(x, w, out):
-    """out (B, N) += x (B, K) @ w (K, N), one weight row at a time: the single-stream form.
-
-    Each row of ``w`` is read once and streamed through a contiguous multiply-add over N, so
-    the loop runs at the speed weights arrive from the caches (a matrix-vector product).
-    """
-    for i in range(w.shape[0]):
-        row = w[i]
-        for b in range(x.shape[0]):
-            value = x[b, i]
-            for j in range(w.shape[1]):
-                out[b, j] += value * row[j]
-
-
-# reassoc lets each dot product below run as vector partial sums; it is confined to this
-# function (LLVM keeps fast-math flags per instruction), so _exp32's rounding is unaffected.
-@njit(**dict(_GENERATE_OPTIONS, fastmath={"contract", "reassoc"}))
-def _block_product(x, w_t, out):
-    """out (B, N) += x (B, K) @ w_t.T for w_t (N, K): the batched form.
-
-    Blocks of 2 streams x 4 outputs keep 8 running dot products in registers, so every
-    loaded weight serves 2 streams and every loaded input 4 outputs.
-    """
-    streams, inner = x.shape
-    outputs = w_t.shape[0]
-    # Outputs outer: four weight rows stay in L1 while every pair of streams passes by.
-    for j in range(0, outputs - 3, 4):
-        w0, w1, w2, w3 = w_t[j], w_t[j + 1], w_t[j + 2], w_t[j + 3]
-        for b in range(0, streams - 1, 2):
-            x0, x1 = x[b], x[b + 1]
-            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.float32(0.0)
-            for i in range(inner):
-                u, v = x0[i], x1[i]
-                a0 += u * w0[i]
-                a1 += u * w1[i]
-                a2 += u * w2[i]
-                a3 += u * w3[i]
-                c0 += v * w0[i]
-                c1 += v * w1[i]
-                c2 += v * w2[i]
-                c3 += v * w3[i]
-            out[b, j] += a0
-            out[b, j + 1] += a1
-            out[b, j + 2] += a2
-            out[b, j + 3] += a3
-            out[b + 1, j] += c0
-            out[b + 1, j + 1] += c1
-            out[b + 1, j + 2] += c2
-            out[b + 1, j + 3] += c3
-    for j in range(outputs - outputs % 4, outputs):
-        for b in range(streams - streams % 2):
-            total = np.float32(0.0)
-            for i in range(inner):
-                total += x[b, i] * w_t[j, i]
-            out[b, j] += total
-    if streams % 2:
-        last = streams - 1
-        for j in range(outputs):
-            total = np.float32(0.0)
-            for i in range(inner):
-                total += x[last, i] * w_t[j, i]
-            out[last, j] += total
+# Every product below adds to each output in one fixed order: its start value (the bias), then
+# x[0] * w[0], x[1] * w[1], ... each as one fused multiply-add, whatever the number of streams
+# and whichever block a stream falls in. So a stream's codes do not depend on how many
+# streams share its call (``--threads``), and there is no reassociation to make results
+# depend on vector width. The speed comes from the blocking, not from reordering the sums.
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
-def _product(x, w, out, transposed):
-    if transposed:
-        _block_product(x, w, out)
-    else:
-        _row_product(x, w, out)
+def _four_rows_four_streams(x, w, out, b, i):
+    """out[b:b+4] += x[b:b+4, i:i+4] @ w[i:i+4]: each loaded weight serves 4 streams, and
+    each output is loaded and stored once per 4 weight rows."""
+    w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+    o0, o1, o2, o3 = out[b], out[b + 1], out[b + 2], out[b + 3]
+    a0, a1, a2, a3 = x[b, i], x[b, i + 1], x[b, i + 2], x[b, i + 3]
+    b0, b1, b2, b3 = x[b + 1, i], x[b + 1, i + 1], x[b + 1, i + 2], x[b + 1, i + 3]
+    c0, c1, c2, c3 = x[b + 2, i], x[b + 2, i + 1], x[b + 2, i + 2], x[b + 2, i + 3]
+    d0, d1, d2, d3 = x[b + 3, i], x[b + 3, i + 1], x[b + 3, i + 2], x[b + 3, i + 3]
+    for j in range(w.shape[1]):
+        p, q, r, s = w0[j], w1[j], w2[j], w3[j]
+        o0[j] = (((o0[j] + a0 * p) + a1 * q) + a2 * r) + a3 * s
+        o1[j] = (((o1[j] + b0 * p) + b1 * q) + b2 * r) + b3 * s
+        o2[j] = (((o2[j] + c0 * p) + c1 * q) + c2 * r) + c3 * s
+        o3[j] = (((o3[j] + d0 * p) + d1 * q) + d2 * r) + d3 * s
+
+
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _four_rows_one_stream(x, w, out, b, i):
+    """out[b] += x[b, i:i+4] @ w[i:i+4]: the matrix-vector form, each output loaded and
+    stored once per 4 weight rows, so the loop runs at the speed weights arrive."""
+    w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+    o = out[b]
+    a0, a1, a2, a3 = x[b, i], x[b, i + 1], x[b, i + 2], x[b, i + 3]
+    for j in range(w.shape[1]):
+        o[j] = (((o[j] + a0 * w0[j]) + a1 * w1[j]) + a2 * w2[j]) + a3 * w3[j]
+
+
+@njit(**_GENERATE_OPTIONS)
+def _product(x, w, out):
+    """out (B, N) += x (B, K) @ w (K, N), in blocks of 4 streams x 4 weight rows; the streams
+    and rows left over go through the same order one at a time."""
+    streams, inner = x.shape
+    whole_rows = inner - inner % 4
+    blocked_streams = streams - streams % 4
+    for b in range(0, blocked_streams, 4):
+        for i in range(0, whole_rows, 4):
+            _four_rows_four_streams(x, w, out, b, i)
+    for b in range(blocked_streams, streams):
+        for i in range(0, whole_rows, 4):
+            _four_rows_one_stream(x, w, out, b, i)
+    for i in range(whole_rows, inner):
+        row = w[i]
+        for b in range(streams):
+            value = x[b, i]
+            o = out[b]
+            for j in range(w.shape[1]):
+                o[j] += value * row[j]
 
 
 @njit(**_GENERATE_OPTIONS)
 def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
               residual_kernel, residual_bias, skip_kernel, skip_bias, output1_kernel,
-              output1_bias, output2_kernel, output2_bias, transposed, dilations, ring_offsets,
+              output1_bias, output2_kernel, output2_bias, dilations, ring_offsets,
               rings, last_codes, rng_states, position, temperature, forced, codes_out,
               logits_out):
-    """The loop. With ``transposed`` every kernel comes as (N, K) for :func:`_block_product`
-    (``skip_kernel`` as (S, L*G)); otherwise (K, N) for :func:`_row_product` (``skip_kernel``
-    as (L*G, S)). ``gate_kernel``, ``residual_kernel`` carry a leading layer axis."""
+    """The loop. Every kernel comes as (K, N) for :func:`_product` (``skip_kernel`` as
+    (L*G, S)); ``gate_kernel`` and ``residual_kernel`` carry a leading layer axis."""
     streams, steps = codes_out.shape
     layers = dilations.shape[0]
     residual = rings.shape[2]
-    double_residual, gate = 2 * residual, residual_kernel.shape[2 if transposed else 1]
+    double_residual, gate = 2 * residual, residual_kernel.shape[1]
     double_gate = 2 * gate
     skip = skip_bias.shape[0]
     classes = output2_bias.shape[0]
@@ -260,7 +246,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
                     rings[b, slot, i] = taps[b, residual + i]
                 for j in range(double_gate):
                     z[b, j] = gate_bias[b, layer, j]
-            _product(taps, gate_kernel[layer], z, transposed)
+            _product(taps, gate_kernel[layer], z)
             first = layer * gate
             for b in range(streams):
                 for k in range(gate):
@@ -271,7 +257,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
                 for b in range(streams):
                     for i in range(residual):
                         delta[b, i] = residual_bias[layer, i]
-                _product(gated, residual_kernel[layer], delta, transposed)
+                _product(gated, residual_kernel[layer], delta)
                 for b in range(streams):
                     for i in range(residual):
                         taps[b, residual + i] += delta[b, i]
@@ -280,18 +266,18 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
         for b in range(streams):
             for j in range(skip):
                 skip_sum[b, j] = skip_bias[j]
-        _product(gated_all, skip_kernel, skip_sum, transposed)
+        _product(gated_all, skip_kernel, skip_sum)
         for b in range(streams):
             for j in range(skip):
                 skip_sum[b, j] = skip_sum[b, j] if skip_sum[b, j] > 0 else np.float32(0.0)
                 head[b, j] = output1_bias[j]
-        _product(skip_sum, output1_kernel, head, transposed)
+        _product(skip_sum, output1_kernel, head)
         for b in range(streams):
             for j in range(skip):
                 head[b, j] = head[b, j] if head[b, j] > 0 else np.float32(0.0)
             for j in range(classes):
                 logits[b, j] = output2_bias[j]
-        _product(head, output2_kernel, logits, transposed)
+        _product(head, output2_kernel, logits)
 
         for b in range(streams):
             if record_logits:
@@ -329,7 +315,6 @@ class FusedNetwork:
         self.gate_bias = np.ascontiguousarray(gate_bias, dtype=np.float32)
         self.condition = np.ascontiguousarray(condition, dtype=np.float32)
         self.dilations = np.ascontiguousarray(dilations, dtype=np.int64)
-        self._transposed = None
         self.ring_offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
         self._check_shapes()
 
@@ -384,13 +369,6 @@ class FusedNetwork:
         kernels = {name: getattr(self, name) for name in self.KERNELS}
         kernels["skip_kernel"] = self.skip_kernel.reshape(-1, self.skip_kernel.shape[2])
         return kernels
-
-    def transposed_kernels(self):
-        """Kernels as contiguous (N, K) for the batched product; made once, then kept."""
-        if self._transposed is None:
-            self._transposed = {name: np.ascontiguousarray(np.swapaxes(kernel, -1, -2))
-                                for name, kernel in self.row_kernels().items()}
-        return self._transposed
 
     @property
     def nbytes(self):
@@ -484,13 +462,12 @@ def generate_codes(network, state, steps, *, temperature=1.0, forced=None,
     codes = np.empty((streams, steps), np.uint8)
     logits = np.empty((steps if record_logits else 0, streams, network.classes), np.float32)
     if steps:
-        transposed = streams > 1
-        kernels = network.transposed_kernels() if transposed else network.row_kernels()
+        kernels = network.row_kernels()
         _generate(network.input_previous, network.input_current, network.input_bias,
                   kernels["gate_kernel"], state.gate_bias, kernels["residual_kernel"],
                   network.residual_bias, kernels["skip_kernel"], network.skip_bias,
                   kernels["output1_kernel"], network.output1_bias, kernels["output2_kernel"],
-                  network.output2_bias, transposed, network.dilations, network.ring_offsets,
+                  network.output2_bias, network.dilations, network.ring_offsets,
                   state.rings, state.last_codes, state.rng_states, state.position,
                   temperature, forced, codes, logits)
     state.position += steps

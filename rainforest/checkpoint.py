@@ -16,7 +16,6 @@ checkpoint from a stranger cannot run code. Reading the config needs no TensorFl
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -99,6 +98,7 @@ def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int)
     in ``config.json`` under ``files``.
     """
     root = checkpoint_root(run)
+    storage.remove_stale_staging(root)  # what a killed write left; only rank 0 writes here
     final = os.path.join(root, step_name(step))
     with storage.Staged(final, folder=True) as staging:
         save_files(staging)
@@ -110,7 +110,7 @@ def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int)
             handle.write(storage.dumps_json(document))
     storage.write_bytes_atomic(os.path.join(root, LATEST), step_name(step).encode() + b"\n")
     for old in list_checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        storage.discard(old)
     return final
 
 

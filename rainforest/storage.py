@@ -278,7 +278,7 @@ class Staged:
                     fs.put_file(self.path, path)
             elif self.folder:
                 if os.path.isdir(self.url):
-                    shutil.rmtree(self.url)
+                    discard(self.url)
                 os.rename(self.path, self.url)
             else:
                 _fsync(self.path)
@@ -302,6 +302,16 @@ class Staged:
             self.abort()
 
 
+def discard(folder: str) -> None:
+    """Delete a local folder, renaming it to a staging name first: a process killed part way
+    through the deletion leaves a hidden staging folder (which readers ignore and
+    :func:`remove_stale_staging` removes), never a half-deleted folder under its real name."""
+    doomed = f"{folder.rstrip('/')}{TEMP_MARKER}discard-{uuid.uuid4().hex[:12]}"
+    doomed = os.path.join(os.path.dirname(doomed), "." + os.path.basename(doomed))
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that ``url`` shows either its old content or all of the new."""
     with Staged(url) as path, open(path, "wb") as handle:
@@ -321,13 +331,18 @@ def list_names(url: str) -> list[str]:
 
 
 def remove_stale_staging(url: str) -> int:
-    """Delete temporary files a killed run left in the local folder ``url``; returns how many."""
+    """Delete staging files and folders a killed run left in the local folder ``url``; returns
+    how many."""
     if is_remote(url) or not os.path.isdir(url):
         return 0
     removed = 0
     for name in os.listdir(url):
         if name.startswith(".") and TEMP_MARKER in name:
-            _remove_quietly(os.path.join(url, name))
+            path = os.path.join(url, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _remove_quietly(path)
             removed += 1
     return removed
 

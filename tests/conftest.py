@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import filecmp
 import os
 import socket
 import subprocess
@@ -58,15 +57,26 @@ def run_cli(*args, check=True, env=None, **kwargs) -> subprocess.CompletedProces
     return result
 
 
+def tree_entries(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden ``.tmp-`` leftovers included), relative, as
+    ``"file"`` or ``"folder"``: the whole tree, not just its top level."""
+    return {p.relative_to(root).as_posix(): "folder" if p.is_dir() else "file"
+            for p in root.rglob("*")}
+
+
 def assert_same_tree(left: Path, right: Path) -> None:
-    """Byte-identical folders: same file names, same bytes."""
-    comparison = filecmp.dircmp(left, right)
-    assert not comparison.left_only and not comparison.right_only, (
-        comparison.left_only, comparison.right_only)
-    names = [p.relative_to(left) for p in left.rglob("*") if p.is_file()]
-    assert names, "empty dataset"
-    for name in names:
-        assert (left / name).read_bytes() == (right / name).read_bytes(), name
+    """Byte-identical folders at every depth: the same relative paths (files and folders) on
+    both sides, and the same bytes in every file."""
+    left_entries, right_entries = tree_entries(Path(left)), tree_entries(Path(right))
+    assert left_entries == right_entries, (
+        sorted(left_entries.keys() - right_entries.keys()),
+        sorted(right_entries.keys() - left_entries.keys()),
+        sorted(k for k in left_entries.keys() & right_entries.keys()
+               if left_entries[k] != right_entries[k]))
+    files = [name for name, kind in left_entries.items() if kind == "file"]
+    assert files, "empty dataset"
+    for name in files:
+        assert (Path(left) / name).read_bytes() == (Path(right) / name).read_bytes(), name
 
 
 def free_port() -> int:

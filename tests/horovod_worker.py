@@ -5,8 +5,10 @@
 MODE ``consistency``: each rank starts from different weights (seed = rank) and trains 3
 steps on its own random windows; the broadcast after step 1 and the allreduce must leave
 every rank with the same weights. MODE ``equivalence``: one step on a fixed global batch
-of 2B windows, each rank taking its B (one rank takes all 2B). Each rank saves its weights
-to ``OUT_DIR/rank-R.npz``.
+of 2B windows, each rank taking its B (one rank takes all 2B); besides the weights it saves
+the step's loss and gradient norm, both taken after the allreduce, so the test checks the
+averaged gradient and metric themselves, not only their effect on the weights through Adam.
+Each rank saves to ``OUT_DIR/rank-R.npz``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main(mode: str, out: str) -> None:
     rank, size = hvd.rank(), hvd.size()
     model_config = PRESETS["tiny"]
     window = receptive_field(model_config) + TARGET
+    extra = {}
     if mode == "consistency":
         config = TrainConfig(seed=rank, batch_size=2, target_length=TARGET, warmup_steps=0)
         trainer = Trainer(model_config, config, hvd)
@@ -42,11 +45,12 @@ def main(mode: str, out: str) -> None:
         trainer = Trainer(model_config, config, hvd)
         windows = np.random.default_rng(5).integers(0, 256, (global_batch, window))
         mine = np.array_split(windows.astype(np.uint8), size)[rank]
-        trainer.train_step(mine, np.zeros(mine.shape[0], np.int32), 0)
+        loss, norm, _ = trainer.train_step(mine, np.zeros(mine.shape[0], np.int32), 0)
+        extra = {"loss": loss, "grad_norm": norm}
     else:
         raise SystemExit(f"unknown mode {mode}")
     weights = {f"w{i:03d}": w for i, w in enumerate(trainer.weights())}
-    np.savez(os.path.join(out, f"rank-{rank}.npz"), size=size, **weights)
+    np.savez(os.path.join(out, f"rank-{rank}.npz"), size=size, **extra, **weights)
 
 
 if __name__ == "__main__":

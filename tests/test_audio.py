@@ -7,8 +7,6 @@ delay and padding are trimmed), so the lengths below are exact for lossy codecs 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -17,6 +15,7 @@ import soundfile
 import soxr
 
 import audiogen
+from peak_memory import run_child
 from rainforest.audio import BLOCK_FRAMES, SongDecoder, decode_mono
 from rainforest.config import AudioConfig
 from rainforest.errors import AudioDecodeError, ParameterError
@@ -253,8 +252,10 @@ def test_mp3_cut_by_under_one_percent_passes_as_whole(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Memory
 
+# The child's own peak (VmHWM; see peak_memory): ru_maxrss would start at pytest's peak.
 _MEASURE = textwrap.dedent("""
-    import resource, sys
+    import sys
+    from peak_memory import own_peak_kb
     from rainforest.audio import SongDecoder
 
     def decode(path):
@@ -265,9 +266,9 @@ _MEASURE = textwrap.dedent("""
         return frames
 
     decode(sys.argv[2])  # compile the downmix kernel and load the codecs first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = own_peak_kb()
     frames = decode(sys.argv[1])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = own_peak_kb()
     print(frames, (after - before) * 1024)
 """)
 
@@ -286,8 +287,6 @@ def test_long_song_decodes_in_bounded_memory(tmp_path):
     as_float32 = minutes * 60 * rate * channels * 4  # 230 MB
 
     # A fresh process, so its peak RSS reflects this decode only (C allocations included).
-    result = subprocess.run([sys.executable, "-c", _MEASURE, str(path), str(warm)],
-                            capture_output=True, text=True, check=True)
-    frames, grown = (int(v) for v in result.stdout.split())
+    frames, grown = (int(v) for v in run_child(_MEASURE, path, warm).split())
     assert frames == minutes * 60 * TARGET
     assert grown < 64 << 20, f"peak RSS grew {grown >> 20} MiB for a {as_float32 >> 20} MiB song"

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import faultserver as fs
 import numpy as np
 import pytest
 
+import faultserver as fs
 from conftest import RAINFOREST, run_cli
 from rainforest.errors import ParameterError
 from rainforest.fetch import (

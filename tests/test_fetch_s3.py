@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-import faultserver as fs
 import pytest
 from test_fetch import HTML, song_bytes
-from test_s3 import BUCKET, s3_endpoint  # noqa: F401 (the fixture)
 
+import faultserver as fs
 from rainforest.fetch import FetchConfig, Source, fetch, read_sources
+from test_s3 import BUCKET, s3_endpoint  # noqa: F401 (the fixture)
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 

@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 
-import faultserver as fs
 import pytest
 
 import audiogen
+import faultserver as fs
 from conftest import TINY_TRAINING, run_cli
 from rainforest import checkpoint
 from rainforest.dataset import read_manifest

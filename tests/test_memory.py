@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 import audiogen
+from peak_memory import run_child
 
 pytestmark = pytest.mark.slow
 
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the forking parent, so
-# a child of a pytest process that has loaded TensorFlow would report that process's size.
+# The child's own peak (VmHWM; see peak_memory), not ru_maxrss inherited from pytest.
 MEASURE = """
 import sys
+from peak_memory import own_peak_kb
 from rainforest.preprocess import preprocess
 preprocess([sys.argv[1]], sys.argv[2], cluster="sync", progress=False, log=lambda line: None)
-with open("/proc/self/status") as status:
-    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-print(peak_kb // 1024)
+print(own_peak_kb() // 1024)
 """
 
 
 def peak_rss_mb(song, out) -> int:
     """Peak resident memory, in MB, of a fresh process that preprocesses one song."""
-    result = subprocess.run([sys.executable, "-c", MEASURE, str(song), str(out)],
-                            capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+    return int(run_child(MEASURE, song, out).strip().splitlines()[-1])
 
 
 def test_peak_memory_is_flat_in_song_length(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -67,11 +68,16 @@ def test_bad_inputs_are_recorded_and_good_songs_still_processed(song_dir, tmp_pa
     assert "silent" in reasons["silent.wav"]
     kept = {os.path.basename(s["source"]): s for s in manifest["songs"]}
     assert set(kept) >= {"a.wav", "b.flac", "c.ogg", "d.mp3", "e.wav", "f.flac"}
-    # A truncated mp3 keeps what decodes, and says so, or fails with a reason.
-    if "cut.mp3" in kept:
-        assert kept["cut.mp3"]["seconds"] < 3.0
-    else:
-        assert reasons["cut.mp3"]
+    # A truncated mp3 keeps what decodes, with a note (the README's promise): 40% of 3 s.
+    assert "cut.mp3" in kept and "cut.mp3" not in reasons
+    note = kept["cut.mp3"]["note"]
+    assert re.fullmatch(r"truncated: decoded (\d+) of the (\d+) frames the header promised "
+                        r"\((\d+\.\d)%\)", note), note
+    decoded, promised = (int(n) for n in re.findall(r"\d+", note)[:2])
+    assert 0.3 < decoded / promised < 0.4
+    assert kept["cut.mp3"]["source_seconds"] == pytest.approx(decoded / 44100, abs=1e-3)
+    assert 0.3 * 3.0 < kept["cut.mp3"]["seconds"] < 0.4 * 3.0
+    assert all(song.get("note") is None for name, song in kept.items() if name != "cut.mp3")
     assert f"{len(manifest['failed'])} song(s) FAILED" in result.stdout
     assert len(manifest["failed"]) == len(reasons) >= 5
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 
+import audiogen
 from conftest import reference_codes
 from rainforest.dataset import Dataset
 from rainforest.preprocess import preprocess
@@ -17,10 +18,14 @@ pytestmark = [pytest.mark.music, pytest.mark.slow]
 def test_real_songs_match_the_reference(tmp_path):
     oggs = debian_music("wesnoth-1.16-music")
     by_length = sorted(oggs, key=lambda p: soundfile.info(str(p)).duration)
-    # The shortest real tracks (a few seconds each), one of them as a real mp3, plus the
-    # package's track of pure silence, which must be rejected rather than kept.
+    # The shortest real tracks (a few seconds each), one of them as a real mp3, plus tracks of
+    # pure silence, which must be rejected rather than kept: the package's own, if it has one,
+    # and always one made here (a Vorbis track, like the package's).
     chosen = [p for p in by_length if p.stem != "silence"][:3]
     silence = [p for p in oggs if p.stem == "silence"]
+    (tmp_path / "silence").mkdir()
+    silence.append(audiogen.write_silent_wav(tmp_path / "silence" / "made-here.ogg",
+                                             seconds=3.0, rate=44100, channels=2))
     mp3 = mp3_copies(chosen[:1], out_dir=tmp_path / "mp3")
     sources = [str(p) for p in [*chosen, *mp3, *silence]]
     summary = preprocess(sources, str(tmp_path / "data"), cluster="local:2", progress=False,
@@ -36,5 +41,5 @@ def test_real_songs_match_the_reference(tmp_path):
         np.testing.assert_array_equal(data.song_codes(song), reference_codes(song.source))
         # real music uses the code range, not a sliver of it
         assert np.ptp(data.song_codes(song)) > 100
-    if silence:
-        assert [f["reason"][:6] for f in data.failed] == ["silent"]
+    assert sorted(f["source"] for f in data.failed) == sorted(str(p) for p in silence)
+    assert [f["reason"][:7] for f in data.failed] == ["silent:"] * len(silence)

@@ -9,11 +9,11 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
-import chromium
 import numpy as np
 import pytest
 
 import audiogen
+import chromium
 from conftest import TINY_TRAINING, run_cli
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,91 @@
+"""The fused loop's matrix product: one summation order for any number of streams, exact
+against Keras for widths that are not a multiple of the 4 x 4 blocking."""
+
+import numpy as np
+import pytest
+
+from rainforest.generate import load_network, prime_state, stream_gate_bias, stream_seeds
+from rainforest.kernels.fused_loop import _product, generate_codes
+from rainforest.model_config import PRESETS, ModelConfig
+from test_generate import assert_logits_close, keras_checkpoint, keras_logits, label_ids
+
+# Widths of 5, 7, 11 and 37: every block of the product has a remainder (channels % 4 != 0).
+ODD_WIDTHS = ModelConfig(dilations=(1, 2, 3, 1), residual_channels=7, gate_channels=5,
+                         skip_channels=11, classes=37, labels=("x", "y", "z"),
+                         condition_channels=3)
+
+
+def _one_at_a_time(x, w, start):
+    """The product for each stream in a call of its own (one row of x at a time)."""
+    rows = []
+    for b in range(x.shape[0]):
+        out = start[b:b + 1].copy()
+        _product(x[b:b + 1], w, out)
+        rows.append(out[0])
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("streams, inner, outputs", [
+    (1, 128, 128), (4, 128, 128), (32, 128, 256), (5, 13, 7), (6, 3, 9), (7, 130, 1), (3, 1, 5),
+])
+def test_product_is_the_same_for_one_stream_or_many(streams, inner, outputs):
+    """Bit for bit: a stream's outputs do not depend on how many streams share the call or on
+    which block of 4 it falls in; and they are the product itself (float64 reference)."""
+    rng = np.random.default_rng(streams * 1000 + inner + outputs)
+    x = rng.standard_normal((streams, inner)).astype(np.float32)
+    w = rng.standard_normal((inner, outputs)).astype(np.float32)
+    start = rng.standard_normal((streams, outputs)).astype(np.float32)
+    together = start.copy()
+    _product(x, w, together)
+    np.testing.assert_array_equal(together, _one_at_a_time(x, w, start))
+    exact = start.astype(np.float64) + x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(together, exact, rtol=1e-5, atol=1e-5 * np.sqrt(inner))
+
+
+@pytest.fixture(scope="module")
+def odd_network(tmp_path_factory):
+    run = tmp_path_factory.mktemp("odd-widths")
+    model = keras_checkpoint(run, ODD_WIDTHS, seed=3)
+    return model, load_network(str(run)).network
+
+
+@pytest.mark.parametrize("streams", [1, 5, 6])
+def test_odd_widths_equal_the_full_forward_pass(odd_network, streams):
+    """Teacher-forced logits of the loop against Keras on the whole sequence, with widths
+    (7, 5, 11, 37) and stream counts (5, 6) that leave remainders in every blocked product."""
+    model, network = odd_network
+    rf = network.receptive_field
+    steps = rf + 10
+    sequence = np.random.default_rng(streams).integers(0, ODD_WIDTHS.classes,
+                                                       size=(streams, rf - 1 + steps))
+    ids = label_ids(ODD_WIDTHS, streams)
+    state = prime_state(network, sequence[:, :rf], gate_bias=stream_gate_bias(network, ids),
+                        seeds=stream_seeds(0, streams))
+    _, logits = generate_codes(network, state, steps, forced=sequence[:, rf:],
+                               record_logits=True)
+    expected = keras_logits(model, ODD_WIDTHS, sequence, ids)
+    assert_logits_close(logits.transpose(1, 0, 2), expected)
+
+
+@pytest.mark.parametrize("config", [ODD_WIDTHS, PRESETS["tiny"]], ids=["odd-widths", "tiny"])
+def test_a_stream_generates_the_same_alone_or_among_others(tmp_path, config):
+    """Sampled freely (temperature 1), each of 7 streams gives the same codes and logits bit for
+    bit whether it runs alone, as the 7th of 7 (the remainder after a block of 4), or in a
+    share of 3: what makes ``--threads`` leave the files unchanged."""
+    keras_checkpoint(tmp_path, config, seed=5)
+    network = load_network(str(tmp_path)).network
+    streams, steps = 7, 300
+    ids = label_ids(config, streams)
+    seeds = stream_seeds(9, streams)
+
+    def run(members):
+        state = prime_state(network, np.empty((len(members), 0)),
+                            gate_bias=stream_gate_bias(network, [ids[m] for m in members]),
+                            seeds=[seeds[m] for m in members])
+        return generate_codes(network, state, steps, record_logits=True)
+
+    codes, logits = run(list(range(streams)))
+    for members in ([0], [3], [6], [4, 5, 6], [1, 2]):
+        part_codes, part_logits = run(members)
+        np.testing.assert_array_equal(part_codes, codes[members])
+        np.testing.assert_array_equal(part_logits, logits[:, members])
