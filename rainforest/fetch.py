@@ -27,6 +27,7 @@ How it behaves:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import email.message
 import email.utils
@@ -490,16 +491,23 @@ def _fetch_http_once(source: Source, staging: str, job: _Job) -> dict[str, Any]:
     return info
 
 
-def _s3_info(source: Source, job: _Job) -> tuple[Any, str, dict[str, Any]]:
-    fs, path = storage.filesystem(source.url)
+@contextlib.contextmanager
+def _s3_failures():
+    """S3 errors as fetch failures: a missing object or a denial is final, the rest retried."""
     try:
-        info = fs.info(path)
+        yield
     except FileNotFoundError:
         raise _Failure("no such object", retry=False) from None
     except PermissionError as error:
         raise _Failure(f"S3 access denied: {error}", retry=False) from None
     except OSError as error:
         raise _Failure(f"S3 error: {error}", retry=True) from None
+
+
+def _s3_info(source: Source, job: _Job) -> tuple[Any, str, dict[str, Any]]:
+    fs, path = storage.filesystem(source.url)
+    with _s3_failures():
+        info = fs.info(path)
     size = int(info.get("size") or 0)
     if size > job.config.max_bytes:
         raise _Failure(f"too large: {size:,} bytes is over the {job.config.max_bytes:,}-byte "
@@ -510,7 +518,7 @@ def _s3_info(source: Source, job: _Job) -> tuple[Any, str, dict[str, Any]]:
 def _fetch_s3_once(source: Source, target: str, staging: str | None,
                    job: _Job) -> dict[str, Any]:
     fs, path, info = _s3_info(source, job)
-    try:
+    with _s3_failures():
         if staging is None:  # S3 to S3: sniff the head, then one server-side copy
             with tempfile.NamedTemporaryFile(prefix="rainforest-sniff-") as head:
                 head.write(fs.cat_file(path, start=0, end=512))
@@ -520,12 +528,6 @@ def _fetch_s3_once(source: Source, target: str, staging: str | None,
             fs.copy(path, target_path)
             return {**info, "sha256": None}
         fs.get_file(path, staging)
-    except FileNotFoundError:
-        raise _Failure("no such object", retry=False) from None
-    except PermissionError as error:
-        raise _Failure(f"S3 access denied: {error}", retry=False) from None
-    except OSError as error:
-        raise _Failure(f"S3 error: {error}", retry=True) from None
     _sniff(staging)
     job.count_bytes(info["bytes"])
     return {**info, "sha256": storage.sha256_of(staging)}
