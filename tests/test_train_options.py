@@ -18,6 +18,7 @@ import pytest
 
 from conftest import TINY_TRAINING, checkpoint_weights
 from rainforest import checkpoint
+from reference import queue_wavenet_logits
 
 pytestmark = pytest.mark.slow
 
@@ -93,17 +94,56 @@ def test_compile_xla_really_compiles_with_xla(runs):
                    for name in RUNS if name != "xla")
 
 
-def test_precision_float32_is_what_auto_gives_on_a_cpu(runs):
+def _float64_loss_bits(run, step, dataset) -> float:
+    """Step ``step + 1``'s training loss recomputed in float64 by the queue-based reference:
+    checkpoint ``step``'s weights on the batch of that step, drawn again by the sampler."""
+    from rainforest.dataset import Dataset, WindowSampler, rank_share, split_songs
+    from rainforest.generate import read_weights
+    from rainforest.model import PRESETS, receptive_field
+
+    config = PRESETS["tiny"]
+    folder = checkpoint.list_checkpoints(str(run))[step - 1]
+    weights = read_weights(os.path.join(folder, checkpoint.WEIGHTS_NAME), config)
+    data = Dataset(str(dataset))
+    songs, _ = split_songs(data.songs, validation_fraction=0.34)  # as TINY_TRAINING says
+    receptive = receptive_field(config)
+    sampler = WindowSampler(data, rank_share(songs, rank=0, size=1), window=receptive + 256,
+                            target_length=256, batch_size=4, seed=0, rank=0)
+    windows, _ = sampler.batch(step)
+    nats = []
+    for window in windows:
+        logits = queue_wavenet_logits(weights, config.dilations, window[:-1])
+        log_p = logits - logits.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        nats.append(-log_p[np.arange(256), window[receptive:]])
+    return float(np.mean(nats) / np.log(2.0))
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_compile_eager_and_xla_compute_the_float64_loss(runs, step, periodic_dataset):
+    for name in ("eager", "xla"):
+        exact = _float64_loss_bits(runs[name]["run"], step, periodic_dataset)
+        assert runs[name]["losses"][step] == pytest.approx(exact, rel=1e-6), name
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_precision_float32_computes_in_float32_as_auto_does_on_a_cpu(runs, step,
+                                                                     periodic_dataset):
+    for name in ("float32", "reference"):
+        exact = _float64_loss_bits(runs[name]["run"], step, periodic_dataset)
+        assert runs[name]["losses"][step] == pytest.approx(exact, rel=1e-6), name
     assert runs["float32"]["losses"] == runs["reference"]["losses"]  # the very same numbers
 
 
-def test_precision_mixed_bfloat16_computes_in_bfloat16(runs):
-    reference, mixed = runs["reference"]["losses"], runs["bfloat16"]["losses"]
-    # bfloat16 keeps 8 bits of mantissa: close to float32, never the same numbers.
-    assert mixed == pytest.approx(reference, rel=0.02)
-    assert all(a != b for a, b in zip(mixed, reference, strict=True))
-    folder = checkpoint.latest(str(runs["bfloat16"]["run"]))
-    weights = checkpoint_weights(folder)
+@pytest.mark.parametrize("step", [1, 2])
+def test_precision_mixed_bfloat16_computes_in_bfloat16(runs, step, periodic_dataset):
+    # bfloat16 keeps 8 bits of mantissa: near the float64 loss, but not as near as float32
+    # (about 6e-6 against 1e-7 here).
+    exact = _float64_loss_bits(runs["bfloat16"]["run"], step, periodic_dataset)
+    error = abs(runs["bfloat16"]["losses"][step] / exact - 1)
+    assert 1e-6 < error < 1e-2
+    assert runs["bfloat16"]["losses"][step] != runs["reference"]["losses"][step]
+    weights = checkpoint_weights(checkpoint.latest(str(runs["bfloat16"]["run"])))
     assert {a.dtype for a in weights.values() if a.ndim} == {np.dtype("float32")}
 
 
