@@ -168,15 +168,18 @@ def _start_worker(out: Path, dataset, run, *extra) -> subprocess.Popen:
     command = [*TWO_RANKS, sys.executable, WORKER, "cli", str(out), "train", str(dataset),
                "--run", str(run), *TINY_TRAINING, "--steps", "100000", "--checkpoint-every",
                "100000", "--val-every", "0", "--log-every", "1", *extra]
-    return subprocess.Popen(command, stdout=open(out / "stdout", "w"),
-                            stderr=open(out / "stderr", "w"), env=_env())
+    with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
+        # A session of its own, so that a test that times out can end all of its processes.
+        return subprocess.Popen(command, stdout=stdout, stderr=stderr, env=_env(),
+                                start_new_session=True)
 
 
 def _finish(process, out: Path) -> tuple[list[dict], str]:
     try:
         process.wait(timeout=300)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # horovodrun and both ranks
+        process.wait()
         raise
     stdout = (out / "stdout").read_text()
     assert process.returncode == 0, stdout[-3000:] + (out / "stderr").read_text()[-3000:]
