@@ -70,6 +70,7 @@ def test_an_unknown_spec_on_the_command_line_is_a_clear_error(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()
 
 
+@pytest.mark.timeout(60)  # without the check, the client waits for the file for ever
 def test_a_missing_scheduler_file_is_refused(tmp_path):
     with pytest.raises(ParameterError, match="does not exist"):
         with connect(f"scheduler-file:{tmp_path / 'nowhere.json'}"):
