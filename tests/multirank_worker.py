@@ -37,7 +37,7 @@ def _batches(window: int) -> list[np.ndarray]:
 
 
 def dynamics(out: str) -> None:
-    from rainforest.model import PRESETS, receptive_field
+    from rainforest.model_config import PRESETS, receptive_field
     from rainforest.train import TrainConfig, Trainer, init_horovod
 
     hvd = init_horovod()

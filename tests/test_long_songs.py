@@ -14,7 +14,7 @@ import pytest
 
 import audiogen
 from conftest import reference_codes
-from rainforest import preprocess as preprocess_module
+from rainforest import audio as chain_module  # the song-to-codes chain and its spool
 from rainforest.dataset import Dataset
 from rainforest.preprocess import preprocess
 
@@ -65,7 +65,7 @@ def test_ten_minute_songs_match_the_reference(ten_minute_dataset):
 
 @pytest.mark.slow
 def test_ten_minute_songs_take_the_multi_chunk_path(ten_minute_dataset):
-    chunk = preprocess_module._SPOOL_CHUNK
+    chunk = chain_module._SPOOL_CHUNK
     entries = {e["source"].rsplit("/", 1)[-1]: e for e in ten_minute_dataset.manifest["songs"]}
     for entry in entries.values():
         total = entry["trimmed_start"] + entry["length"] + entry["trimmed_end"]
@@ -101,7 +101,7 @@ def short_songs(tmp_path_factory):
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
 def test_tiny_chunks_give_the_reference_codes(chunk, short_songs, tmp_path, monkeypatch):
-    monkeypatch.setattr(preprocess_module, "_SPOOL_CHUNK", chunk)
+    monkeypatch.setattr(chain_module, "_SPOOL_CHUNK", chunk)
     data = _preprocess(short_songs, tmp_path / "dataset")
     _assert_matches_reference(data, 3)
     gap = next(s for s in data.songs if s.source.endswith("gap.flac"))

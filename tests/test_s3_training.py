@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_s3 import BUCKET, s3_endpoint  # noqa: F401  (the moto server fixture)
 
 import audiogen
 from conftest import TINY_TRAINING, run_cli
 from rainforest import checkpoint, storage
 from rainforest.dataset import read_manifest
 from rainforest.preprocess import preprocess
+from test_s3 import BUCKET, s3_endpoint  # noqa: F401  (the moto server fixture)
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 

@@ -99,7 +99,7 @@ def _float64_loss_bits(run, step, dataset) -> float:
     checkpoint ``step``'s weights on the batch of that step, drawn again by the sampler."""
     from rainforest.dataset import Dataset, WindowSampler, rank_share, split_songs
     from rainforest.generate import read_weights
-    from rainforest.model import PRESETS, receptive_field
+    from rainforest.model_config import PRESETS, receptive_field
 
     config = PRESETS["tiny"]
     folder = checkpoint.list_checkpoints(str(run))[step - 1]
@@ -174,7 +174,7 @@ def test_clip_norm_clips_the_update_and_logs_the_norm_before_clipping(runs):
 
 def test_val_windows_sets_the_number_of_held_out_windows(runs, periodic_dataset):
     from rainforest.dataset import Dataset, split_songs, validation_windows
-    from rainforest.model import PRESETS, receptive_field
+    from rainforest.model_config import PRESETS, receptive_field
 
     data = Dataset(str(periodic_dataset))
     _, held_out = split_songs(data.songs, validation_fraction=0.34)
