@@ -30,7 +30,10 @@ def s3_endpoint(monkeypatch):
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     import boto3
+    import requests
 
+    # moto's state is process-wide and outlives a server: start every test from nothing.
+    requests.post(f"{endpoint}/moto-api/reset", timeout=30).raise_for_status()
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     yield endpoint
     server.stop()

@@ -35,7 +35,8 @@ def slurm():
     missing = available()
     if missing:
         pytest.fail(f"a real Slurm is needed: {missing}")
-    cluster = LocalSlurm(cpus=os.cpu_count()).start()
+    # KillWait 30 s, as at many sites: a preempted job's ranks get that long to checkpoint.
+    cluster = LocalSlurm(cpus=os.cpu_count(), kill_wait=30).start()
     yield cluster
     cluster.stop()
 
