@@ -360,8 +360,9 @@ def _add_report(commands) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rainforest",
-        description="WaveNet song generation on a cluster: preprocess songs with Dask into "
-                    "mu-law shards, train with Horovod, generate audio.",
+        description="WaveNet song generation on a cluster: fetch songs politely, preprocess "
+                    "them with Dask into mu-law shards, train with Horovod, generate audio, and "
+                    "report on it all in one page.",
         epilog="Run `rainforest COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
