@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,11 @@ def checkpoint_weights(folder) -> dict[str, np.ndarray]:
     return arrays
 
 
+# moto's request recorder (tests that check the order of S3 requests) writes here, not into
+# the working directory; it is read when moto is first imported.
+os.environ.setdefault("MOTO_RECORDER_FILEPATH", os.path.join(
+    tempfile.gettempdir(), f"rainforest-moto-recording-{os.getpid()}.jsonl"))
+
 MOTO_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -147,3 +153,22 @@ def aws(moto_endpoint):
                                                   method="POST"), timeout=30).close()
     s3fs.S3FileSystem.clear_instance_cache()
     return moto_endpoint
+
+
+def moto_requests(endpoint: str, action) -> list[dict]:
+    """The requests moto's server received while ``action()`` ran, in order (its recorder)."""
+    import json
+    import urllib.request
+
+    def call(name: str, method: str = "POST") -> bytes:
+        request = urllib.request.Request(f"{endpoint}/moto-api/recorder/{name}", method=method)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
+    call("reset-recording")
+    call("start-recording")
+    try:
+        action()
+    finally:
+        call("stop-recording")
+    return [json.loads(line) for line in call("download-recording", "GET").splitlines()]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RAINFOREST, TINY_TRAINING, run_cli
+from conftest import RAINFOREST, TINY_TRAINING, moto_requests, run_cli
 from rainforest import checkpoint, storage
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -128,3 +128,24 @@ def test_a_folder_whose_upload_fails_leaves_nothing_on_s3(bucket, tmp_path):
             (Path(path) / name).write_bytes(name.encode())
     assert _keys(bucket) == ["folders/checkpoint/a.h5", "folders/checkpoint/config.json"]
     assert storage.read_bytes(f"{url}/config.json") == b"config.json"
+
+
+def test_a_folder_goes_up_under_a_temporary_prefix_and_is_copied_marker_last(bucket, aws):
+    url = f"s3://{BUCKET}/folders/step"
+    staged = storage.Staged(url, folder=True, marker="config.json")
+    for name in ("config.json", "model.weights.h5", "optimizer.h5", "sub/extra.bin"):
+        (Path(staged.path) / name).parent.mkdir(exist_ok=True)
+        (Path(staged.path) / name).write_bytes(name.encode())
+    writes = [(r["method"], r["url"].split(BUCKET + "/", 1)[-1].split("?")[0],
+               r["headers"].get("x-amz-copy-source", r["headers"].get("X-Amz-Copy-Source")))
+              for r in moto_requests(aws, staged.commit) if r["method"] in ("PUT", "POST")]
+    temporary = {key for method, key, source in writes if method == "PUT" and not source}
+    assert temporary and all(key.startswith(f"folders/.step{storage.TEMP_MARKER}")
+                             for key in temporary)  # uploads go to the temporary prefix only
+    copies = [key for method, key, source in writes if source]
+    assert sorted(copies) == ["folders/step/config.json", "folders/step/model.weights.h5",
+                              "folders/step/optimizer.h5", "folders/step/sub/extra.bin"]
+    assert copies[-1] == "folders/step/config.json"  # the marker comes last
+    assert writes[-1][0] == "POST"  # then the temporary prefix is deleted (DeleteObjects)
+    assert _keys(bucket) == sorted(copies)
+    assert storage.read_bytes(f"{url}/sub/extra.bin") == b"sub/extra.bin"
