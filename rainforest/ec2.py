@@ -262,9 +262,21 @@ def _start_in(background: _BackgroundLoop, arguments: dict, timeout: float, quie
                 "VM's system log in the EC2 console; raise --ec2-start-timeout if it is just "
                 "slow. Every VM of the run was terminated") from None
         if isinstance(error, Exception) and not isinstance(error, RainforestError):
-            raise RainforestError(f"--cluster ec2 could not start: {error}. Every VM of the "
-                                  "run was terminated") from error
+            root = _root_cause(error)
+            raise RainforestError(
+                f"--cluster ec2 could not start: {type(root).__name__}: {root}. Check that the "
+                "AMI, VPC, subnet and security groups exist in the region and that the VPC has "
+                "a subnet (--ec2-ami, --ec2-vpc, --ec2-subnet, --ec2-security-group). Every VM "
+                "of the run was terminated") from error
         raise
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain: EC2Cluster's own clean-up after a failure raises
+    again (it closes a VM it never created), which hides the reason."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
 
 
 async def _cancel_all() -> None:

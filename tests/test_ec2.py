@@ -150,6 +150,8 @@ def test_requested_vm_carries_the_settings_and_a_start_timeout_terminates_it(net
     assert tags[RUN_TAG].startswith("rf-")
     assert [v["Size"] for v in seen["volumes"]] == [50]
     user_data = seen["user_data"]
+    # AWS refuses more than 16 KiB of user data; the TLS certificates travel in it.
+    assert len(user_data.encode()) <= 16384, len(user_data.encode())
     assert f"docker run --net=host   {IMAGE} env DASK_INTERNAL_INHERIT_CONFIG" in user_data
     assert "python -m distributed.cli.dask_scheduler --port " \
            f"{settings.scheduler_port}" in user_data
@@ -157,6 +159,18 @@ def test_requested_vm_carries_the_settings_and_a_start_timeout_terminates_it(net
             f"sys.exit(rainforest.__version__ != '{__version__}')\" || shutdown -h now"
             ) in user_data
     _assert_nothing_left_running(client)
+
+
+def test_a_failure_before_any_vm_is_a_clear_error_and_returns(network):
+    """A VPC without subnets: EC2Cluster fails before RunInstances, where its own close()
+    would never return."""
+    import boto3
+
+    empty = boto3.client("ec2").create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    with pytest.raises(RainforestError, match="could not start: IndexError.*has a subnet"), \
+            ec2_cluster(_settings(network, vpc=empty, subnet_id=None), quiet=True):
+        pass
+    assert network["client"].describe_instances()["Reservations"] == []
 
 
 def _stand_in(args) -> subprocess.Popen:
