@@ -62,11 +62,14 @@ def list_checkpoints(run: str) -> list[str]:
 
 def remove_leftovers(run: str) -> list[str]:
     """Delete what a killed writer left under the run's checkpoints: staging folders or
-    prefixes, and step folders that never got their config.json. Returns their names."""
+    prefixes, and on an object store the step prefixes whose copy never reached config.json.
+    Returns their names. (A local step folder is renamed into place whole, so one without
+    config.json is damage, which is reported when read, not deleted.)"""
     root = checkpoint_root(run)
     names = [name for name in storage.list_names(root)
-             if storage.TEMP_MARKER in name
-             or (name.startswith("step-") and not _finished(storage.join(root, name)))]
+             if (name.startswith(".") and storage.TEMP_MARKER in name)
+             or (storage.is_remote(root) and name.startswith("step-")
+                 and not _finished(storage.join(root, name)))]
     for name in names:
         storage.remove_tree(storage.join(root, name))
     return names
