@@ -327,7 +327,8 @@ def _add_train(commands) -> None:
     tr.add_argument("dataset", metavar="DATASET",
                     help="dataset folder or s3:// prefix written by `rainforest preprocess`")
     tr.add_argument("--run", required=True, metavar="RUN",
-                    help="run folder for checkpoints and logs (local or shared filesystem)")
+                    help="run folder for checkpoints and logs (local, shared filesystem or "
+                         "s3:// prefix)")
     tr.add_argument("--config", metavar="NAME|FILE.json",
                     help=f"model config: a preset ({', '.join(PRESETS)}) or a JSON file with "
                          "ModelConfig fields (default: the 'default' preset)")
@@ -355,7 +356,8 @@ def _add_generate(commands) -> None:
                     "PNG per stream into --out, plus generation.json with the settings. "
                     "Ctrl-C (or SIGTERM) stops early and keeps what was generated so far.",
     )
-    gen.add_argument("run", metavar="RUN", help="run folder (or one checkpoint folder)")
+    gen.add_argument("run", metavar="RUN",
+                     help="run folder or s3:// prefix (or one checkpoint folder)")
     gen.add_argument("--out", required=True, help="output folder")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_options(gen, GenerationConfig, title="generation")
