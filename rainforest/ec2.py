@@ -308,11 +308,14 @@ def ec2_cluster(settings: EC2Settings, *, quiet: bool = False) -> Iterator[objec
     # Always said: it is what to look for should this process die without its teardown.
     print(f"starting EC2 VMs tagged {RUN_TAG}={run_id}", file=sys.stderr, flush=True)
     background = _BackgroundLoop()
-    cluster = None
+    cluster, failed = None, False
     try:
         with _sigterm_as_interrupt():
             cluster = _start_in(background, arguments, settings.start_timeout, quiet)
             yield cluster
+    except BaseException:
+        failed = True
+        raise
     finally:
         try:
             if cluster is not None:
@@ -320,9 +323,24 @@ def ec2_cluster(settings: EC2Settings, *, quiet: bool = False) -> Iterator[objec
                     background.run(cluster.close(), timeout=CLOSE_SECONDS)
         finally:
             background.stop()
-            terminate_tagged(run_id, region=arguments.get("region"))
             dask.config.config.clear()
             dask.config.config.update(saved_config)
+            _sweep(run_id, arguments.get("region"), failed=failed)
+
+
+def _sweep(run_id: str, region: str | None, *, failed: bool) -> None:
+    """Terminate the run's VMs; when AWS cannot even be asked, say so without hiding the
+    error that ended the run (no credentials, say, which also means no VM was started)."""
+    import botocore.exceptions
+
+    try:
+        terminate_tagged(run_id, region=region)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        message = (f"could not look for EC2 VMs tagged {RUN_TAG}={run_id} ({error}); look in "
+                   "the EC2 console and terminate any that are left")
+        if not failed:
+            raise RainforestError(message) from None
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -173,6 +173,22 @@ def test_a_failure_before_any_vm_is_a_clear_error_and_returns(network):
     assert network["client"].describe_instances()["Reservations"] == []
 
 
+def test_no_aws_credentials_is_a_clear_error(network, song_dir, tmp_path):
+    import os
+
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("AWS_ACCESS_KEY") and name != "AWS_SECRET_ACCESS_KEY"}
+    environment.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                       AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    result = run_cli("preprocess", song_dir, "--out", tmp_path / "out", *_flags(
+        _settings(network)), check=False, env=environment, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "could not start: NoCredentialsError: Unable to locate credentials" in result.stderr
+    assert f"could not look for EC2 VMs tagged {RUN_TAG}=rf-" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert network["client"].describe_instances()["Reservations"] == []
+
+
 def _stand_in(args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
