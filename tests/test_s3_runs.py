@@ -149,3 +149,33 @@ def test_a_folder_goes_up_under_a_temporary_prefix_and_is_copied_marker_last(buc
     assert writes[-1][0] == "POST"  # then the temporary prefix is deleted (DeleteObjects)
     assert _keys(bucket) == sorted(copies)
     assert storage.read_bytes(f"{url}/sub/extra.bin") == b"sub/extra.bin"
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_train_and_resume_from_s3(periodic_dataset, bucket):
+    """Rank 0 alone writes to S3; on resume every rank reads the checkpoint back from it."""
+    import os
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    environment = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    run = f"s3://{BUCKET}/two"
+
+    def train(*extra):
+        result = subprocess.run(
+            [os.path.join(bin_dir, "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+             sys.executable, "-m", "rainforest.cli", "train", str(periodic_dataset), "--run",
+             run, *TINY_TRAINING, "--val-every", "0", "--checkpoint-every", "3", *extra],
+            capture_output=True, text=True, env=environment, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    train("--steps", "6")
+    resumed = train("--steps", "10", "--resume")
+    assert resumed.count("done: step 10 on 2 rank(s)") == 1
+    assert f"resuming {run}/checkpoints/step-000000006 at step 6" in resumed
+    config = checkpoint.read_config(checkpoint.latest(run))
+    assert config["step"] == 10 and config["data"]["ranks"] == 2
+    rows = [json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 11))  # one writer, no repeats
+    assert not [key for key in _keys(bucket) if storage.TEMP_MARKER in key]
