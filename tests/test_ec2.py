@@ -4,9 +4,11 @@ dask-cloudprovider's real ``EC2Cluster`` makes its real AWS calls (``RunInstance
 ``CreateTags``, ``DescribeInstances``, ``TerminateInstances``) to moto; nothing in them is
 patched. moto's VMs do not boot, so the tests put the VPC's subnet in 127.0.0.0/8: a VM's
 private address is then a loopback address of this machine, and where a test needs a VM to
-answer, it starts a real ``dask scheduler`` (or ``dask worker``) on that address, standing in
-for the VM's container. Nothing is stubbed, not even the scheduler-reachability probe: it
-really connects, and where nothing stands in, it really fails.
+answer, it runs the VM's own container command, read from its user data (TLS certificates
+included), in this venv instead of the docker image: the scheduler's on that address, and the
+worker's as it is. Nothing is stubbed, not even the scheduler-reachability probe that the
+architecture notes expected to stub: it really connects, and where nothing answers, it really
+fails.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -189,30 +192,40 @@ def test_no_aws_credentials_is_a_clear_error(network, song_dir, tmp_path):
     assert network["client"].describe_instances()["Reservations"] == []
 
 
-def _stand_in(args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
+def _container_command(user_data: str) -> list[str]:
+    """What the VM's user data runs inside the image, with this venv's python for its own."""
+    [line] = [c for c in yaml.safe_load(user_data)["runcmd"]
+              if c.startswith("docker run --net=host")]
+    words = shlex.split(line)
+    command = words[words.index(IMAGE) + 1:]
+    return [sys.executable if word == "python" else word for word in command]
+
+
+def _run_like_the_vm(client, instance: dict, extra=()) -> subprocess.Popen:
+    command = _container_command(_user_data(client, instance["InstanceId"]))
+    return subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
-def _stand_in_for_the_vms(client, port: int, processes: list) -> None:
-    """Start a real dask scheduler, then a real worker, on the VMs' loopback addresses."""
+def _stand_in_for_the_vms(client, processes: list) -> None:
+    """Run each VM's own container command (from its user data, TLS certificates and all),
+    the scheduler's on the VM's loopback address, as soon as moto holds the VM."""
     [scheduler] = _wait_for(lambda: [i for i in _ours(client)
                                      if i["InstanceType"] == SCHEDULER_TYPE])
-    address = scheduler["PrivateIpAddress"]
-    assert address.startswith("127.0.")
-    processes.append(_stand_in(["distributed.cli.dask_scheduler", "--host", address, "--port",
-                                str(port), "--no-dashboard"]))
-    _wait_for(lambda: [i for i in _ours(client) if i["InstanceType"] == WORKER_TYPE])
-    processes.append(_stand_in(["distributed.cli.dask_worker", f"tcp://{address}:{port}",
-                                "--nthreads", "1", "--no-dashboard"]))
+    assert scheduler["PrivateIpAddress"].startswith("127.0.")
+    processes.append(_run_like_the_vm(client, scheduler,
+                                      ["--host", scheduler["PrivateIpAddress"]]))
+    [worker] = _wait_for(lambda: [i for i in _ours(client) if i["InstanceType"] == WORKER_TYPE])
+    processes.append(_run_like_the_vm(client, worker))
 
 
 def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, song_dir,
                                                                       tmp_path):
-    client, settings = network["client"], _settings(network, tls=False, start_timeout=120.0)
+    """With TLS, as users get it: the VMs' commands carry the certificates, and the worker's
+    command, run as it is, joins the scheduler's over tls://."""
+    client, settings = network["client"], _settings(network, start_timeout=120.0)
     processes: list[subprocess.Popen] = []
-    helper = threading.Thread(target=_stand_in_for_the_vms,
-                              args=(client, settings.scheduler_port, processes))
+    helper = threading.Thread(target=_stand_in_for_the_vms, args=(client, processes))
     helper.start()
     try:
         result = run_cli("preprocess", song_dir, "--out", tmp_path / "ec2", "--no-progress",
@@ -220,13 +233,17 @@ def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, s
         helper.join(60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"starting EC2 VMs tagged {RUN_TAG}=rf-" in result.stderr
+        assert "preflight: 1 worker(s) run this environment" in result.stdout
     finally:
         for process in processes:
             process.kill()
             process.wait(30)
+    [scheduler] = [i for i in _ours(client) if i["InstanceType"] == SCHEDULER_TYPE]
     [worker] = [i for i in _ours(client) if i["InstanceType"] == WORKER_TYPE]
-    worker_data = _user_data(client, worker["InstanceId"])
-    assert "distributed.cli.dask_spec tcp://127.0." in worker_data and IMAGE in worker_data
+    command = _container_command(_user_data(client, worker["InstanceId"]))
+    assert command[0] == "env" and command[1].startswith("DASK_INTERNAL_INHERIT_CONFIG=")
+    assert command[3:7] == ["-m", "distributed.cli.dask_spec", f"tls://"
+                            f"{scheduler['PrivateIpAddress']}:{settings.scheduler_port}", "--spec"]
     _assert_nothing_left_running(client)
     run_cli("preprocess", song_dir, "--out", tmp_path / "local", "--cluster", "sync",
             "--songs-per-shard", "2", "--no-progress")
