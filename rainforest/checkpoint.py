@@ -9,13 +9,20 @@ Layout of a run folder (local)::
     RUN/tensorboard/, RUN/metrics.jsonl, RUN/curves.png
 
 A checkpoint is assembled in a hidden staging folder and renamed into place, then ``latest``
-is replaced atomically, so a reader never sees half a checkpoint. Nothing is pickled: a
+is replaced atomically, so a reader never sees half a checkpoint. A run folder may also be an
+``s3://`` prefix: there the checkpoint is uploaded under a temporary prefix and copied to its
+final one with ``config.json`` last (``storage.Staged``), a checkpoint counts only once its
+``config.json`` is there, and ``latest`` is written after it. Nothing is pickled: a
 checkpoint from a stranger cannot run code. Reading the config needs no TensorFlow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -38,42 +45,74 @@ def step_name(step: int) -> str:
 
 
 def checkpoint_root(run: str) -> str:
-    return os.path.join(run, CHECKPOINT_DIR)
+    return storage.join(run, CHECKPOINT_DIR)
+
+
+def _finished(folder: str) -> bool:
+    """A checkpoint is there once its config.json is: it is written (or copied) last."""
+    return storage.exists(storage.join(folder, CONFIG_NAME))
 
 
 def list_checkpoints(run: str) -> list[str]:
     """Finished checkpoint folders of a run, oldest first."""
     root = checkpoint_root(run)
-    if not os.path.isdir(root):
-        return []
-    return sorted(os.path.join(root, name) for name in os.listdir(root)
-                  if name.startswith("step-") and os.path.isdir(os.path.join(root, name)))
+    return [storage.join(root, name) for name in storage.list_names(root)
+            if name.startswith("step-") and _finished(storage.join(root, name))]
+
+
+def remove_leftovers(run: str) -> list[str]:
+    """Delete what a killed writer left under the run's checkpoints: staging folders or
+    prefixes, and on an object store the step prefixes whose copy never reached config.json.
+    Returns their names. (A local step folder is renamed into place whole, so one without
+    config.json is damage, which is reported when read, not deleted.)"""
+    root = checkpoint_root(run)
+    names = [name for name in storage.list_names(root)
+             if (name.startswith(".") and storage.TEMP_MARKER in name)
+             or (storage.is_remote(root) and name.startswith("step-")
+                 and not _finished(storage.join(root, name)))]
+    for name in names:
+        storage.remove_tree(storage.join(root, name))
+    return names
 
 
 def latest(run: str) -> str:
     """The folder of the newest checkpoint of ``run`` (a run folder or a checkpoint folder)."""
-    if os.path.isfile(os.path.join(run, CONFIG_NAME)):
+    if storage.exists(storage.join(run, CONFIG_NAME)):
         return run
-    pointer = os.path.join(checkpoint_root(run), LATEST)
-    if not os.path.exists(pointer):
-        if not os.path.isdir(run):
+    pointer = storage.join(checkpoint_root(run), LATEST)
+    if not storage.exists(pointer):
+        if not storage.exists(run):
             raise CheckpointError(f"run folder {run} does not exist")
         raise CheckpointError(
             f"{run} has no checkpoint yet ({pointer} is missing); train with "
             f"`rainforest train DATASET --run {run}` first"
         )
-    with open(pointer, encoding="utf-8") as handle:
-        name = handle.read().strip()
-    folder = os.path.join(checkpoint_root(run), name)
-    if not name.startswith("step-") or not os.path.isdir(folder):
+    name = storage.read_bytes(pointer).decode("utf-8").strip()
+    folder = storage.join(checkpoint_root(run), name)
+    if not name.startswith("step-") or not storage.exists(folder):
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of {run}")
     return folder
+
+
+@contextlib.contextmanager
+def local_copy(folder: str) -> Iterator[str]:
+    """A local folder with the checkpoint's files: ``folder`` itself, or a temporary download
+    of an ``s3://`` checkpoint (removed afterwards), for readers that need local files."""
+    if not storage.is_remote(folder):
+        yield folder
+        return
+    directory = tempfile.mkdtemp(prefix="rainforest-checkpoint-")
+    try:
+        storage.download_folder(folder, directory)
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def read_config(folder: str) -> dict[str, Any]:
     """A checkpoint's ``config.json``, checked for format and version."""
     return read_document(
-        os.path.join(folder, CONFIG_NAME), kind=FORMAT, version=VERSION, error=CheckpointError,
+        storage.join(folder, CONFIG_NAME), kind=FORMAT, version=VERSION, error=CheckpointError,
         advice="upgrade rainforest, or train into a new --run",
         missing=f"{folder} has no {CONFIG_NAME}: not a rainforest checkpoint")
 
@@ -81,8 +120,8 @@ def read_config(folder: str) -> dict[str, Any]:
 def verify(folder: str, config: dict[str, Any]) -> None:
     """Check every file of a checkpoint against the sha256 recorded in its config."""
     for name, digest in config["files"].items():
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
+        path = storage.join(folder, name)
+        if not storage.exists(path):
             raise CheckpointError(f"checkpoint {folder} lacks {name}; it is damaged")
         if storage.sha256_of(path) != digest:
             raise CheckpointError(
@@ -99,8 +138,8 @@ def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int)
     """
     root = checkpoint_root(run)
     storage.remove_stale_staging(root)  # what a killed write left; only rank 0 writes here
-    final = os.path.join(root, step_name(step))
-    with storage.Staged(final, folder=True) as staging:
+    final = storage.join(root, step_name(step))
+    with storage.Staged(final, folder=True, marker=CONFIG_NAME) as staging:
         save_files(staging)
         files = {name: storage.sha256_of(os.path.join(staging, name))
                  for name in sorted(os.listdir(staging))}
@@ -108,9 +147,9 @@ def write(run: str, step: int, config: dict[str, Any], save_files, *, keep: int)
                     "files": files}
         with open(os.path.join(staging, CONFIG_NAME), "wb") as handle:
             handle.write(storage.dumps_json(document))
-    storage.write_bytes_atomic(os.path.join(root, LATEST), step_name(step).encode() + b"\n")
+    storage.write_bytes_atomic(storage.join(root, LATEST), step_name(step).encode() + b"\n")
     for old in list_checkpoints(run)[:-keep]:
-        storage.discard(old)
+        storage.discard(old, marker=CONFIG_NAME)
     return final
 
 

@@ -35,6 +35,10 @@ def add_config_options(parser, cls: type, *, title: str | None = None) -> None:
         shown = f"; default: {field.default}" if field.default not in (None, ()) else ""
         choices = field.metadata.get("choices")
         metavar = None if choices else {int: "N", float: "X"}.get(kind, field.name.upper())
+        if kind is bool:  # --name / --no-name
+            group.add_argument(flag_of(field), dest=field.name, default=argparse.SUPPRESS,
+                               action=argparse.BooleanOptionalAction, help=help_text + shown)
+            continue
         group.add_argument(flag_of(field), dest=field.name, type=kind, default=argparse.SUPPRESS,
                            choices=choices, help=help_text + shown, metavar=metavar,
                            action="append" if repeat else "store")
@@ -74,18 +78,24 @@ def _print_summary(summary: dict) -> None:
 def _cluster_settings(args: argparse.Namespace):
     """The settings of the chosen ``--cluster`` kind, from its own options."""
     from rainforest.cluster import SlurmSettings
+    from rainforest.ec2 import EC2Settings
 
     if args.cluster.strip() == "slurm":
         return SlurmSettings(**given(args, SlurmSettings))
+    if args.cluster.strip() == "ec2":
+        return EC2Settings(**given(args, EC2Settings))
     return None
 
 
 def add_cluster_options(parser) -> None:
     from rainforest.cluster import SlurmSettings
+    from rainforest.ec2 import EC2Settings
 
     parser.add_argument("--cluster", default="local", help=CLUSTER_HELP)
     add_config_options(parser, SlurmSettings, title="Slurm worker jobs (--cluster slurm; "
                                                     "unset ones come from jobqueue.yaml)")
+    add_config_options(parser, EC2Settings, title="EC2 VMs (--cluster ec2; unset ones come "
+                                                  "from cloudprovider.yaml)")
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -420,7 +430,8 @@ def _add_train(commands) -> None:
     tr.add_argument("dataset", metavar="DATASET",
                     help="dataset folder or s3:// prefix written by `rainforest preprocess`")
     tr.add_argument("--run", required=True, metavar="RUN",
-                    help="run folder for checkpoints and logs (local or shared filesystem)")
+                    help="run folder for checkpoints and logs (local, shared filesystem or "
+                         "s3:// prefix)")
     tr.add_argument("--config", metavar="NAME|FILE.json",
                     help=f"model config: a preset ({', '.join(PRESETS)}) or a JSON file with "
                          "ModelConfig fields (default: the 'default' preset)")
@@ -451,7 +462,8 @@ def _add_generate(commands) -> None:
                     "PNG per stream into --out, plus generation.json with the settings. "
                     "Ctrl-C (or SIGTERM) stops early and keeps what was generated so far.",
     )
-    gen.add_argument("run", metavar="RUN", help="run folder (or one checkpoint folder)")
+    gen.add_argument("run", metavar="RUN",
+                     help="run folder or s3:// prefix (or one checkpoint folder)")
     gen.add_argument("--out", required=True, help="output folder")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_options(gen, GenerationConfig, title="generation")

@@ -8,6 +8,8 @@
   ``slurm/preprocess.sbatch`` does inside one allocation);
 - ``slurm``: worker jobs submitted with ``sbatch`` from a login node by dask-jobqueue's
   ``SLURMCluster``, scaled adaptively (:class:`SlurmSettings`);
+- ``ec2``: a scheduler and workers on EC2 VMs started by dask-cloudprovider's ``EC2Cluster``
+  and terminated when the run ends (:mod:`rainforest.ec2`);
 - ``sync``: no cluster, everything in this process (for debugging and profiling).
 
 Whatever the cluster, :func:`preflight` runs on every worker before any work: the worker must
@@ -30,8 +32,8 @@ from rainforest.errors import ParameterError
 CLUSTER_HELP = (
     "where to run: 'local' (default, one worker process per core), 'local:N' (N workers), "
     "'tcp://HOST:PORT' (a running `dask scheduler`), 'scheduler-file:PATH', 'slurm' (worker "
-    "jobs submitted with sbatch; see the --slurm-* options), or 'sync' (in this process, for "
-    "debugging)"
+    "jobs submitted with sbatch; see the --slurm-* options), 'ec2' (VMs started for the run and "
+    "terminated after it; see the --ec2-* options), or 'sync' (in this process, for debugging)"
 )
 
 #: Seconds to wait for the first worker of a cluster we did not start ourselves.
@@ -180,6 +182,17 @@ def connect(spec: str = "local", *, settings: Config | None = None,
             _wait_for_a_worker(client, settings.start_timeout,
                                "no Slurm worker job started; see `squeue --me` and the job's "
                                "output file for why")
+            yield client
+        return
+    if spec == "ec2":
+        from rainforest.ec2 import EC2Settings, connect_client, ec2_cluster
+
+        settings = settings if isinstance(settings, EC2Settings) else EC2Settings()
+        with ec2_cluster(settings, quiet=quiet) as cluster, \
+                connect_client(cluster, settings.start_timeout) as client:
+            _wait_for_a_worker(client, settings.start_timeout,
+                               "no EC2 worker VM joined; see their system logs in the EC2 "
+                               "console")
             yield client
         return
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):

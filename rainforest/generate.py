@@ -176,15 +176,16 @@ def load_network(run: str) -> TrainedNetwork:
         or the weights do not match the config.
     """
     folder = checkpoint.latest(run)
-    document = checkpoint.read_config(folder)
-    checkpoint.verify(folder, document)
-    try:
-        model = ModelConfig.from_dict(document["model"])
-        audio = AudioConfig.from_dict(document["audio"])
-    except (KeyError, TypeError, ParameterError) as error:
-        raise CheckpointError(f"{folder}/config.json has no usable model/audio config: "
-                              f"{error}") from None
-    weights = read_weights(os.path.join(folder, checkpoint.WEIGHTS_NAME), model)
+    with checkpoint.local_copy(folder) as local:  # an s3:// checkpoint is downloaded
+        document = checkpoint.read_config(local)
+        checkpoint.verify(local, document)
+        try:
+            model = ModelConfig.from_dict(document["model"])
+            audio = AudioConfig.from_dict(document["audio"])
+        except (KeyError, TypeError, ParameterError) as error:
+            raise CheckpointError(f"{folder}/config.json has no usable model/audio config: "
+                                  f"{error}") from None
+        weights = read_weights(os.path.join(local, checkpoint.WEIGHTS_NAME), model)
     return TrainedNetwork(folder, int(document["step"]), model, audio, fuse(weights, model))
 
 

@@ -3,6 +3,9 @@
 ``RUN/metrics.jsonl`` (one JSON line per logged step), TensorBoard scalars in
 ``RUN/tensorboard``, ``RUN/curves.png`` (bits per sample against the unigram line) and a
 progress bar.
+
+An ``s3://`` run keeps these in a local mirror (a temporary folder, started from what the run
+already holds, so a resumed run appends) and uploads them with each checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 
+from rainforest import storage
 from rainforest.plots import png_figure
 
 METRICS_NAME = "metrics.jsonl"
@@ -24,6 +30,8 @@ class RankZeroLog:
 
     def __init__(self, run: str, rank: int, *, progress: bool, log) -> None:
         self.run, self.active, self.progress, self.log = run, rank == 0, progress, log
+        # Where the logs go in the end; self.run is where they are written (a local mirror).
+        self.remote = run if storage.is_remote(run) else None
         self.last: dict[str, float] = {}
         self._bar = None
         self._tensorboard = None
@@ -33,6 +41,9 @@ class RankZeroLog:
             return
         import tensorflow as tf
 
+        if self.remote:
+            self.run = tempfile.mkdtemp(prefix="rainforest-run-")
+            self._mirror_existing_logs()
         os.makedirs(self.run, exist_ok=True)
         self._tensorboard = tf.summary.create_file_writer(os.path.join(self.run, TENSORBOARD_DIR))
         if self.progress:
@@ -81,6 +92,31 @@ class RankZeroLog:
             plot_curves(self.run)
         except Exception as error:  # a plot must never cost a finished run
             self.log(f"note: could not draw {CURVES_NAME} ({error})")
+        if self.remote:
+            self.publish()
+            shutil.rmtree(self.run, ignore_errors=True)
+            self.run = self.remote
+
+    def _mirror_existing_logs(self) -> None:
+        metrics = storage.join(self.remote, METRICS_NAME)
+        if storage.exists(metrics):
+            with open(os.path.join(self.run, METRICS_NAME), "wb") as handle:
+                handle.write(storage.read_bytes(metrics))
+        events = storage.join(self.remote, TENSORBOARD_DIR)
+        if storage.exists(events):
+            storage.download_folder(events, os.path.join(self.run, TENSORBOARD_DIR))
+
+    def publish(self) -> None:
+        """Upload the mirrored logs of an ``s3://`` run, each object whole (a no-op locally)."""
+        if not (self.active and self.remote and self._tensorboard is not None):
+            return
+        self._tensorboard.flush()
+        for name in (METRICS_NAME, CURVES_NAME):
+            if os.path.exists(os.path.join(self.run, name)):
+                with storage.Staged(storage.join(self.remote, name)) as staging:
+                    shutil.copyfile(os.path.join(self.run, name), staging)
+        with storage.Staged(storage.join(self.remote, TENSORBOARD_DIR), folder=True) as staging:
+            shutil.copytree(os.path.join(self.run, TENSORBOARD_DIR), staging, dirs_exist_ok=True)
 
 
 def read_metrics(run: str) -> list[dict[str, float]]:

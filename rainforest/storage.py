@@ -3,7 +3,9 @@
 Writes are atomic, all through :class:`Staged`: a local file is written under a temporary name
 in the same folder and then renamed; an object store gets the finished file in one upload (S3
 shows an object only once its PUT or multipart upload completes). Nothing half-written ever
-carries a final name.
+carries a final name. A folder on an object store, which no single request can publish, is
+uploaded under a temporary prefix and then copied to its final prefix with its ``marker``
+file last: a reader takes the folder to exist only once the marker does.
 """
 
 from __future__ import annotations
@@ -254,17 +256,22 @@ class Staged:
 
         with storage.Staged(url) as path:
             write_the_file(path)
+
+    A folder (``folder=True``) on an object store is uploaded under a hidden temporary prefix
+    beside ``url``, then copied object by object to ``url`` (replacing what was there), the
+    file named ``marker`` last, and the temporary prefix is removed. A reader that looks for
+    the marker never sees the folder half copied.
     """
 
-    def __init__(self, url: str, *, folder: bool = False) -> None:
-        self.url, self.folder = url, folder
-        name = f".{posixpath.basename(url.rstrip('/'))}{TEMP_MARKER}{uuid.uuid4().hex[:12]}"
+    def __init__(self, url: str, *, folder: bool = False, marker: str | None = None) -> None:
+        self.url, self.folder, self.marker = url, folder, marker
+        self.name = f".{posixpath.basename(url.rstrip('/'))}{TEMP_MARKER}{uuid.uuid4().hex[:12]}"
         if is_remote(url):
             directory = tempfile.gettempdir()
         else:
             directory = os.path.dirname(os.path.abspath(url))
             os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, name)
+        self.path = os.path.join(directory, self.name)
         if folder:
             os.mkdir(self.path)
 
@@ -273,7 +280,7 @@ class Staged:
             if is_remote(self.url):
                 fs, path = filesystem(self.url)
                 if self.folder:
-                    fs.put(self.path.rstrip("/") + "/", path, recursive=True)
+                    self._publish_folder(fs, path.rstrip("/"))
                 else:
                     fs.put_file(self.path, path)
             elif self.folder:
@@ -285,6 +292,22 @@ class Staged:
                 os.replace(self.path, self.url)
         finally:
             self.abort()
+
+    def _publish_folder(self, fs, final: str) -> None:
+        temporary = posixpath.join(posixpath.dirname(final), self.name)
+        names = sorted(os.path.relpath(os.path.join(root, name), self.path)
+                       for root, _, files in os.walk(self.path) for name in files)
+        try:
+            for name in names:
+                fs.put_file(os.path.join(self.path, name), posixpath.join(temporary, name))
+            if fs.exists(final):
+                fs.rm(final, recursive=True)
+            for name in sorted(names, key=lambda name: name == self.marker):
+                fs.copy(posixpath.join(temporary, name), posixpath.join(final, name))
+        finally:
+            if fs.exists(temporary):
+                fs.rm(temporary, recursive=True)
+            fs.invalidate_cache()
 
     def abort(self) -> None:
         if self.folder:
@@ -302,10 +325,19 @@ class Staged:
             self.abort()
 
 
-def discard(folder: str) -> None:
-    """Delete a local folder, renaming it to a staging name first: a process killed part way
-    through the deletion leaves a hidden staging folder (which readers ignore and
-    :func:`remove_stale_staging` removes), never a half-deleted folder under its real name."""
+def discard(folder: str, *, marker: str | None = None) -> None:
+    """Delete a folder so that no reader ever sees it half deleted.
+
+    Locally it is renamed to a staging name first: a process killed part way through the
+    deletion leaves a hidden staging folder (which readers ignore and
+    :func:`remove_stale_staging` removes). An object store cannot rename a prefix, so the
+    ``marker`` file that makes the folder count (see :class:`Staged`) goes first.
+    """
+    if is_remote(folder):
+        if marker:
+            remove_tree(join(folder, marker))
+        remove_tree(folder)
+        return
     doomed = f"{folder.rstrip('/')}{TEMP_MARKER}discard-{uuid.uuid4().hex[:12]}"
     doomed = os.path.join(os.path.dirname(doomed), "." + os.path.basename(doomed))
     os.rename(folder, doomed)
@@ -323,28 +355,41 @@ def write_json_atomic(url: str, data: Any) -> None:
 
 
 def list_names(url: str) -> list[str]:
-    """Base names of the files directly under ``url`` (empty if it does not exist)."""
+    """Base names of the files and folders directly under ``url`` (empty if it does not exist)."""
     fs, path = filesystem(url)
+    if is_remote(url):
+        fs.invalidate_cache(path)  # another process may have written since the last listing
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+def remove_tree(url: str) -> None:
+    """Delete the file or folder (or object prefix) at ``url``, if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    if is_remote(url):
+        fs.invalidate_cache()
+
+
 def remove_stale_staging(url: str) -> int:
-    """Delete staging files and folders a killed run left in the local folder ``url``; returns
-    how many."""
-    if is_remote(url) or not os.path.isdir(url):
-        return 0
-    removed = 0
-    for name in os.listdir(url):
-        if name.startswith(".") and TEMP_MARKER in name:
-            path = os.path.join(url, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                _remove_quietly(path)
-            removed += 1
-    return removed
+    """Delete the temporary files, folders or prefixes a killed run left directly under
+    ``url`` (a local folder or an object store prefix); returns how many."""
+    stale = [name for name in list_names(url) if name.startswith(".") and TEMP_MARKER in name]
+    for name in stale:
+        remove_tree(join(url, name))
+    return len(stale)
+
+
+def download_folder(url: str, directory: str) -> None:
+    """Copy every file under the folder or prefix ``url`` into the local ``directory``."""
+    fs, path = filesystem(url)
+    path = path.rstrip("/")
+    for remote in fs.find(path):
+        local = os.path.join(directory, *posixpath.relpath(remote, path).split("/"))
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get_file(remote, local)
 
 
 def fetch_to_local(url: str, directory: str) -> str:

@@ -444,6 +444,8 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     hvd = init_horovod()
     rank, size = hvd.rank(), hvd.size()
     say = log if rank == 0 else (lambda line: None)
+    if rank == 0:  # Horovod: 7. only rank 0 writes (here: removes a killed writer's leftovers)
+        checkpoint.remove_leftovers(run)
     dataset = Dataset(dataset_url)
     manifest_digest = storage.sha256_of(storage.join(dataset.url, "manifest.json"))
     state = start_state(run, dataset, model_config=model_config, config=config,
@@ -457,7 +459,8 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
                   "steps_per_epoch": data.sampler.steps_per_epoch}
     trainer = Trainer(state.model, state.train, hvd)
     if state.resumed_from:
-        trainer.load(state.resumed_from)
+        with checkpoint.local_copy(state.resumed_from) as folder:
+            trainer.load(folder)
     writer = RankZeroLog(run, rank, progress=progress, log=log)
     unigram = None
     if data.validation is not None:
@@ -484,6 +487,7 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
             checkpoint.write(run, state.step,
                              state.to_document(audio=audio, metrics=writer.last, size=size),
                              trainer.save, keep=config.keep_checkpoints)
+            writer.publish()  # an s3:// run's logs travel with each checkpoint
 
     last_saved = state.step if state.resumed_from else -1
     samples_per_step = config.batch_size * config.target_length

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,70 @@ def checkpoint_weights(folder) -> dict[str, np.ndarray]:
                     arrays[f"{name}:{path}"] = item[()]
             handle.visititems(visit)
     return arrays
+
+
+# moto's request recorder (tests that check the order of S3 requests) writes here, not into
+# the working directory; it is read when moto is first imported.
+os.environ.setdefault("MOTO_RECORDER_FILEPATH", os.path.join(
+    tempfile.gettempdir(), f"rainforest-moto-recording-{os.getpid()}.jsonl"))
+
+MOTO_ENVIRONMENT = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A real AWS protocol server (moto: S3, EC2) on 127.0.0.1 for a module's tests.
+
+    The environment points boto3, aiobotocore and s3fs, in this process and in the processes
+    it starts, at it through ``AWS_ENDPOINT_URL``.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in [*MOTO_ENVIRONMENT, "AWS_ENDPOINT_URL"]}
+    os.environ.update(MOTO_ENVIRONMENT, AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield endpoint
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint):
+    """moto with fresh state: its state is process-wide and outlives a stopped server."""
+    import urllib.request
+
+    import s3fs
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_endpoint}/moto-api/reset",
+                                                  method="POST"), timeout=30).close()
+    s3fs.S3FileSystem.clear_instance_cache()
+    return moto_endpoint
+
+
+def moto_requests(endpoint: str, action) -> list[dict]:
+    """The requests moto's server received while ``action()`` ran, in order (its recorder)."""
+    import json
+    import urllib.request
+
+    def call(name: str, method: str = "POST") -> bytes:
+        request = urllib.request.Request(f"{endpoint}/moto-api/recorder/{name}", method=method)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()
+
+    call("reset-recording")
+    call("start-recording")
+    try:
+        action()
+    finally:
+        call("stop-recording")
+    return [json.loads(line) for line in call("download-recording", "GET").splitlines()]

@@ -13,12 +13,14 @@ from rainforest.cli import add_config_options, build_parser, given
 from rainforest.cluster import SlurmSettings
 from rainforest.config import AudioConfig, cli_fields, flag_of
 from rainforest.documents import check_format
+from rainforest.ec2 import EC2Settings
 from rainforest.errors import DatasetFormatError, ParameterError
 from rainforest.fetch import FetchConfig
 from rainforest.generate import GenerationConfig
 from rainforest.train import TrainConfig
 
-CONFIGS = [AudioConfig, TrainConfig, GenerationConfig, SlurmSettings, FetchConfig]
+CONFIGS = [AudioConfig, TrainConfig, GenerationConfig, SlurmSettings, FetchConfig,
+           EC2Settings]
 
 
 def _leftovers(folder) -> list[str]:
@@ -110,6 +112,11 @@ def test_command_line_options_come_from_the_config_declarations(cls):
             assert _parse(cls, [flag_of(field), "a", flag_of(field), "b"]) == {
                 field.name: ("a", "b")}, field.name
             continue
+        if (field.metadata.get("type") or type(field.default)) is bool:  # --x / --no-x
+            no = "--no-" + flag_of(field)[2:]
+            assert _parse(cls, [flag_of(field)]) == {field.name: True}, field.name
+            assert _parse(cls, [no]) == {field.name: False}, field.name
+            continue
         if choices:
             value = next(c for c in choices if c != field.default)
         elif field.metadata.get("type") is int:
@@ -123,7 +130,8 @@ def test_command_line_options_come_from_the_config_declarations(cls):
 
 def test_help_shows_each_declared_default_and_choice(capsys):
     fields = [("train", TrainConfig), ("generate", GenerationConfig),
-              ("preprocess", AudioConfig), ("preprocess", SlurmSettings), ("fetch", FetchConfig)]
+              ("preprocess", AudioConfig), ("preprocess", SlurmSettings),
+              ("preprocess", EC2Settings), ("fetch", FetchConfig)]
     for command, cls in fields:
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])

@@ -391,3 +391,20 @@ def test_condition_needs_labels_and_runs_need_resume(tmp_path, trained_run, peri
     done = _train(periodic_dataset, _copy(trained_run, tmp_path / "x"), "--resume",
                   "--steps", "4", check=False)
     assert done.returncode == 1 and "already at step 4" in done.stderr
+
+
+def test_a_killed_writers_staging_folder_is_removed_and_damage_is_kept(periodic_dataset,
+                                                                     trained_run, tmp_path):
+    run = _copy(trained_run, tmp_path)
+    root = run / "checkpoints"
+    staging = root / f".step-000000005{storage.TEMP_MARKER}0123456789ab"
+    staging.mkdir()
+    (staging / checkpoint.WEIGHTS_NAME).write_bytes(b"half")
+    damaged = root / "step-000000099"  # no config.json: not ours to delete, not a checkpoint
+    damaged.mkdir()
+    (damaged / checkpoint.WEIGHTS_NAME).write_bytes(b"someone's")
+    assert [Path(f).name for f in checkpoint.list_checkpoints(str(run))] == ["step-000000004"]
+    resumed = _train(periodic_dataset, run, "--resume", "--steps", "5", "--val-every", "0")
+    assert "done: step 5" in resumed.stdout
+    assert not staging.exists()
+    assert (damaged / checkpoint.WEIGHTS_NAME).read_bytes() == b"someone's"
