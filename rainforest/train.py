@@ -75,10 +75,13 @@ class TrainConfig(Config):
     precision: str = setting("auto", "auto: bfloat16 compute on a GPU, float32 on a CPU",
                              choices=PRECISIONS)
     log_every: int = setting(10, "metrics period in steps")
+    commit_every: int = setting(10, "with --elastic: keep a copy of the state in memory every N "
+                                "steps (and at each checkpoint); a lost rank costs the steps "
+                                "since the last one")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "target_length", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
+                     "keep_checkpoints", "log_every", "commit_every"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "validation_every", "validation_windows", "seed"):
@@ -428,7 +431,7 @@ def training_input(dataset: Dataset, state: TrainingState, *, rank: int,
 def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None,
           config: TrainConfig | None = None, overrides: Mapping[str, Any] | None = None,
           resume: bool = False, condition: bool = False,
-          time_limit_minutes: float | None = None,
+          time_limit_minutes: float | None = None, elastic: bool = False,
           progress: bool = True, log=print) -> dict[str, Any]:
     """Train a WaveNet on a dataset; every rank calls this (see ``rainforest train --help``).
 
@@ -436,6 +439,8 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     asked for by name (the command line's); on ``resume`` only ``steps`` is taken from them
     and from ``config``. ``time_limit_minutes`` stops the run cleanly, with a checkpoint, once
     that much wall time has passed since the first step (useful inside a Slurm time limit).
+    ``elastic`` survives lost and joining ranks under ``horovodrun --host-discovery-script``
+    (see :mod:`rainforest.elastic`).
 
     Returns a summary on every rank: final step, last losses, held-out bits per sample.
     """
@@ -456,23 +461,34 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     trainer = Trainer(state.model, state.train, hvd)
     if state.resumed_from:
         trainer.load(state.resumed_from)
-    writer = RankZeroLog(run, rank, progress=progress, log=log)
-    unigram = None
-    if data.validation is not None:
-        unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
     say(_banner(dataset, state, size, data))
     deadline = None if time_limit_minutes is None else time.monotonic() + 60 * time_limit_minutes
-    stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
-                                 deadline=deadline, audio=dataset.audio, run=run)
+    if elastic:  # Horovod: no collective before elastic.run's first sync (a joiner deadlocks)
+        from rainforest.elastic import train_elastic
+
+        stopped_by, val_bits, unigram, writer = train_elastic(
+            trainer, state, dataset, run=run, deadline=deadline, progress=progress, log=log)
+    else:
+        writer = RankZeroLog(run, rank, progress=progress, log=log)
+        unigram = None
+        if data.validation is not None:
+            unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
+        stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
+                                     deadline=deadline, audio=dataset.audio, run=run)
     writer.finish(state.step, stopped_by)
     return {"step": state.step, "stopped_by": stopped_by, "validation_bits": val_bits,
-            "unigram_bits": unigram, "rank": rank, "ranks": size, "last": writer.last}
+            "unigram_bits": unigram, "rank": hvd.rank(), "ranks": hvd.size(),
+            "last": writer.last}
 
 
 def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: RankZeroLog,
-          *, unigram: float | None, deadline: float | None, audio, run: str
+          *, unigram: float | None, deadline: float | None, audio, run: str, commit=None
           ) -> tuple[str, float]:
-    """Train from ``state.step`` to the last step or a stop; returns (stopped by, bits)."""
+    """Train from ``state.step`` to the last step or a stop; returns (stopped by, bits).
+
+    ``commit`` (elastic training) is called every ``commit_every`` steps and after each
+    checkpoint, so no checkpoint is ever ahead of the state a lost rank rolls back to.
+    """
     config, size = state.train, trainer.size
     stop = _StopFlag()
     stop.install()
@@ -510,6 +526,9 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
         if step % config.checkpoint_every == 0:
             save()
             last_saved = step
+        if commit is not None and (step % config.commit_every == 0
+                                   or step % config.checkpoint_every == 0):
+            commit()  # Horovod: a collective; raises when ranks were lost or hosts added
         if stop_all:
             stopped_by = stop.signal_name or "another rank"
             break
