@@ -121,7 +121,8 @@ def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool
         writer = SkipLoggedSteps(run, rank, size, progress=progress, log=log)
         if rank == 0:
             log(f"elastic: {size} rank(s), training from step {state.step} (the last commit; "
-                f"{elastic_state.repeated} step(s) after it are done again)")
+                f"{elastic_state.repeated} step(s) after it are done again); rank 0 trains on "
+                f"{len(data.sampler.songs)} of {data.training_songs} songs")
         elastic_state.repeated = 0
         unigram = None
         if data.validation is not None:

@@ -198,9 +198,67 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     # in, and the two go on from the step after it.
     assert joined_from % COMMIT_EVERY == 0
     assert set(ranks[first_alone:joined_from]) == {1} and set(ranks[joined_from:]) == {2}
+    # The learning rate follows the number of ranks (warm-up is 5 steps, --lr 3e-3).
+    assert all(row["learning_rate"] == pytest.approx(3e-3 * row["ranks"]) for row in rows[5:])
+    # The songs were dealt out again: alone, the survivor trains on all of them.
+    alone = job.line_matching(r"elastic: 1 rank.*rank 0 trains on (\d+) of (\d+) songs")[1]
+    together = job.line_matching(r"elastic: 2 rank.*rank 0 trains on (\d+) of (\d+) songs",
+                                 after=resumed_at)[1]
+    assert alone.group(1) == alone.group(2) == together.group(2) == "4"
+    assert together.group(1) == "2"
     digests = {m.group(1): m.group(2) for m in re.finditer(
         rf"rank (\d)/2: step {steps}, weights sha256 (\w+)", job.output)}
     assert set(digests) == {"0", "1"} and len(set(digests.values())) == 1, digests
     final = checkpoint.latest(str(run))
     assert checkpoint.read_config(final)["step"] == steps
     assert _loaded_digest(final) == digests["0"]
+    # Adam counts the updates it applied: none twice, none dropped, across kill and join.
+    optimizer = dict(checkpoint.load_arrays(os.path.join(final, checkpoint.OPTIMIZER_NAME)))
+    assert int(optimizer["adam/iteration"]) == steps
+
+
+LAUNCHERS = {
+    "horovodrun-gloo": [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2",
+                        "--gloo"],
+    "horovodrun-mpi": [os.path.join(BIN, "horovodrun"), "-np", "2", "-H", "localhost:2",
+                       "--mpi"],
+}
+
+
+def _rank_one(job: Job):
+    return job.rank_where(HOROVOD_RANK="1") or job.rank_where(OMPI_COMM_WORLD_RANK="1")
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_without_elastic_a_lost_rank_ends_the_job_promptly_and_resume_continues(
+        launcher, periodic_dataset, tmp_path, jobs):
+    run = tmp_path / "run"
+    job = Job([*LAUNCHERS[launcher], sys.executable, "-m", "rainforest.cli", "train",
+               periodic_dataset, "--run", run, *TINY_TRAINING, "--target-length", "1024",
+               "--steps", 100_000, "--checkpoint-every", 20, "--log-every", 1,
+               "--val-every", 100_000])
+    jobs.append(job)
+    job.wait_for("a checkpoint and steps after it", lambda: checkpoint.list_checkpoints(str(run))
+                 and last_logged_step(str(run)) >= 25, STARTUP_TIMEOUT)
+    victim = job.wait_for("rank 1's process", lambda: _rank_one(job), 30)
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    code = job.finish(LOST_RANK_EXIT_BOUND)
+    took = time.monotonic() - killed_at
+    print(f"\n{launcher}: exit {code} {took:.1f} s after rank 1 was SIGKILLed")
+    assert code != 0
+
+    state = TrainingState.from_checkpoint(checkpoint.latest(str(run)))  # checks its sha256s
+    assert state.step % 20 == 0 and state.step >= 20
+    before = runlog.read_metrics(str(run))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "rainforest.cli", "train", str(periodic_dataset), "--run",
+         str(run), "--resume", "--steps", str(state.step + 5), "--no-progress"],
+        capture_output=True, text=True, env=_env(), timeout=STARTUP_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming {state.resumed_from} at step {state.step}" in resumed.stdout
+    after = runlog.read_metrics(str(run))[len(before):]
+    assert [row["step"] for row in after] == list(range(state.step + 1, state.step + 6))
+    # The curve continues from the checkpoint's level, far below a fresh model's first loss.
+    fresh, at_checkpoint = before[0]["loss_bits"], before[state.step - 1]["loss_bits"]
+    assert after[0]["loss_bits"] < (fresh + at_checkpoint) / 2, (fresh, at_checkpoint, after[0])
