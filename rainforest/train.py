@@ -39,6 +39,7 @@ from rainforest.dataset import (
 from rainforest.errors import CheckpointError, ParameterError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
 from rainforest.runlog import RankZeroLog
+from rainforest.watchdog import arm_watchdog
 
 COMPILE_MODES = ("eager", "graph", "xla")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
@@ -75,6 +76,9 @@ class TrainConfig(Config):
     precision: str = setting("auto", "auto: bfloat16 compute on a GPU, float32 on a CPU",
                              choices=PRECISIONS)
     log_every: int = setting(10, "metrics period in steps")
+    stall_timeout: float = setting(600.0, "end a rank when no step has finished for this many "
+                                   "seconds, so a hung rank cannot hang the job (MPI has no "
+                                   "collective timeout); 0: never")
     commit_every: int = setting(10, "with --elastic: keep a copy of the state in memory every N "
                                 "steps (and at each checkpoint); a lost rank costs the steps "
                                 "since the last one")
@@ -84,7 +88,8 @@ class TrainConfig(Config):
                      "keep_checkpoints", "log_every", "commit_every"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "validation_every", "validation_windows", "seed"):
+        for name in ("warmup_steps", "validation_every", "validation_windows", "seed",
+                     "stall_timeout"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not self.clip_norm > 0:
@@ -463,18 +468,21 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
         trainer.load(state.resumed_from)
     say(_banner(dataset, state, size, data))
     deadline = None if time_limit_minutes is None else time.monotonic() + 60 * time_limit_minutes
-    if elastic:  # Horovod: no collective before elastic.run's first sync (a joiner deadlocks)
-        from rainforest.elastic import train_elastic
+    try:
+        if elastic:  # Horovod: no collective before elastic.run's first sync (joiners deadlock)
+            from rainforest.elastic import train_elastic
 
-        stopped_by, val_bits, unigram, writer = train_elastic(
-            trainer, state, dataset, run=run, deadline=deadline, progress=progress, log=log)
-    else:
-        writer = RankZeroLog(run, rank, progress=progress, log=log)
-        unigram = None
-        if data.validation is not None:
-            unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
-        stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
-                                     deadline=deadline, audio=dataset.audio, run=run)
+            stopped_by, val_bits, unigram, writer = train_elastic(
+                trainer, state, dataset, run=run, deadline=deadline, progress=progress, log=log)
+        else:
+            writer = RankZeroLog(run, rank, progress=progress, log=log)
+            unigram = None
+            if data.validation is not None:
+                unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
+            stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
+                                         deadline=deadline, audio=dataset.audio, run=run)
+    finally:
+        arm_watchdog(0)  # an error leaving the loop must not leave a watchdog behind
     writer.finish(state.step, stopped_by)
     return {"step": state.step, "stopped_by": stopped_by, "validation_bits": val_bits,
             "unigram_bits": unigram, "rank": hvd.rank(), "ranks": hvd.size(),
@@ -504,11 +512,13 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
     writer.start(state.step, config.steps)
     tick, tick_step = time.perf_counter(), state.step
     val_bits, stopped_by = float("nan"), ""
+    watchdog = arm_watchdog(config.stall_timeout)  # stays armed across elastic resets
     for windows, labels in data.sampler.tf_dataset(state.step, config.steps):
         if deadline is not None and time.monotonic() > deadline and not stop.requested:
             stop.requested, stop.signal_name = True, "the time limit"
         loss, norm, stop_all = trainer.train_step(windows, labels, state.step,
                                                   stop_requested=stop.requested)
+        watchdog.beat()
         state.step += 1
         step = state.step
         scalars = {"loss_bits": loss / math.log(2.0), "grad_norm": norm,
@@ -532,6 +542,7 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
         if stop_all:
             stopped_by = stop.signal_name or "another rank"
             break
+    watchdog.disarm()
     if last_saved != state.step:
         save()
     return stopped_by, val_bits

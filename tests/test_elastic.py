@@ -262,3 +262,28 @@ def test_without_elastic_a_lost_rank_ends_the_job_promptly_and_resume_continues(
     # The curve continues from the checkpoint's level, far below a fresh model's first loss.
     fresh, at_checkpoint = before[0]["loss_bits"], before[state.step - 1]["loss_bits"]
     assert after[0]["loss_bits"] < (fresh + at_checkpoint) / 2, (fresh, at_checkpoint, after[0])
+
+
+def test_without_elastic_a_hung_rank_is_ended_by_the_stall_watchdog(periodic_dataset, tmp_path,
+                                                                    jobs):
+    # MPI collectives have no timeout: without the watchdog this job waits forever (measured:
+    # still running 100 s after the SIGSTOP).
+    run, stall = tmp_path / "run", 15
+    job = Job([*LAUNCHERS["horovodrun-mpi"], sys.executable, "-m", "rainforest.cli", "train",
+               periodic_dataset, "--run", run, *TINY_TRAINING, "--steps", 100_000,
+               "--checkpoint-every", 20, "--log-every", 1, "--val-every", 100_000,
+               "--stall-timeout", stall])
+    jobs.append(job)
+    job.wait_for("a checkpoint", lambda: checkpoint.list_checkpoints(str(run)), STARTUP_TIMEOUT)
+    # Stop rank 0, the coordinator: only the other rank's watchdog can notice.
+    victim = job.wait_for("rank 0's process", lambda: job.rank_where(
+        OMPI_COMM_WORLD_RANK="0"), 30)
+    stopped_at = time.monotonic()
+    victim.send_signal(signal.SIGSTOP)
+    code = job.finish(stall + LOST_RANK_EXIT_BOUND)
+    took = time.monotonic() - stopped_at
+    print(f"\nhung rank 0 under horovodrun --mpi: exit {code} {took:.1f} s after SIGSTOP "
+          f"(--stall-timeout {stall})")
+    assert code != 0 and took >= stall
+    assert f"no training step finished on this rank in {stall} s" in job.output
+    TrainingState.from_checkpoint(checkpoint.latest(str(run)))  # still valid (sha256s)
