@@ -287,3 +287,38 @@ def test_without_elastic_a_hung_rank_is_ended_by_the_stall_watchdog(periodic_dat
     assert code != 0 and took >= stall
     assert f"no training step finished on this rank in {stall} s" in job.output
     TrainingState.from_checkpoint(checkpoint.latest(str(run)))  # still valid (sha256s)
+
+
+def test_discover_hosts_prints_the_hosts_file_as_horovod_reads_it(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# the cluster\nnode1:4\n\n  node2  # no slots given\nnode3:2")
+    result = subprocess.run([ROOT / "launch" / "discover-hosts.sh", hosts], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["node1:4", "node2:1", "node3:2"]
+    missing = subprocess.run([ROOT / "launch" / "discover-hosts.sh", tmp_path / "none"],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "cannot read" in missing.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_discovery_lists_the_jobs_nodes_and_leaves_out_drained_ones(tmp_path):
+    from localslurm import LocalSlurm, available
+
+    missing = available()
+    if missing:
+        pytest.fail(f"a real Slurm is needed: {missing}")
+    drained = tmp_path / "drained"
+    drained.write_text("localhost\n")
+    script = tmp_path / "discover.sbatch"
+    script.write_text(
+        f"#!/bin/bash\n{ROOT}/launch/slurm-discover.sh > {tmp_path}/all.txt\n"
+        f"SLURM_DISCOVER_EXCLUDE={drained} {ROOT}/launch/slurm-discover.sh "
+        f"> {tmp_path}/drained.txt\n")
+    cluster = LocalSlurm(cpus=2).start()
+    try:
+        job = cluster.submit(str(script), "--ntasks=2", f"--output={tmp_path}/job.out")
+        assert cluster.wait(job, 120) == "COMPLETED", (tmp_path / "job.out").read_text()
+    finally:
+        cluster.stop()
+    assert (tmp_path / "all.txt").read_text().split() == ["localhost:2"]
+    assert (tmp_path / "drained.txt").read_text() == ""
