@@ -76,9 +76,9 @@ class TrainConfig(Config):
     precision: str = setting("auto", "auto: bfloat16 compute on a GPU, float32 on a CPU",
                              choices=PRECISIONS)
     log_every: int = setting(10, "metrics period in steps")
-    stall_timeout: float = setting(600.0, "end a rank when no step has finished for this many "
-                                   "seconds, so a hung rank cannot hang the job (MPI has no "
-                                   "collective timeout); 0: never")
+    stall_timeout: float = setting(600.0, "end a rank when, after its first step, no step has "
+                                   "finished for this many seconds, so a hung rank cannot "
+                                   "hang the job (MPI has no collective timeout); 0: never")
     commit_every: int = setting(10, "with --elastic: keep a copy of the state in memory every N "
                                 "steps (and at each checkpoint); a lost rank costs the steps "
                                 "since the last one")

@@ -322,3 +322,21 @@ def test_slurm_discovery_lists_the_jobs_nodes_and_leaves_out_drained_ones(tmp_pa
         cluster.stop()
     assert (tmp_path / "all.txt").read_text().split() == ["localhost:2"]
     assert (tmp_path / "drained.txt").read_text() == ""
+
+
+def test_stall_watchdog_waits_for_the_first_step_then_ends_a_stalled_process():
+    script = (
+        "import sys, time\n"
+        "from rainforest.watchdog import arm_watchdog\n"
+        "dog = arm_watchdog(0.5)\n"
+        "time.sleep(2)  # the first step (graph tracing) may take long: not counted\n"
+        "print('alive after the first step', flush=True)\n"
+        "dog.beat()\n"
+        "time.sleep(10)\n"
+        "print('not ended', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=_env(), timeout=60)
+    assert result.returncode == 124, result.stdout + result.stderr
+    assert result.stdout.split("\n")[:1] == ["alive after the first step"]
+    assert "not ended" not in result.stdout
+    assert "no training step finished on this rank in 0.5 s" in result.stderr
