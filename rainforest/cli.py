@@ -125,12 +125,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rainforest.model_config import load_model_config
     from rainforest.train import TrainConfig, train
 
-    resume = args.resume or bool(args.resume_if_any and checkpoint.list_checkpoints(args.run))
+    # An elastic rank that joins a running job finds its checkpoints: it resumes, then syncs.
+    resume = args.resume or bool((args.resume_if_any or args.elastic)
+                                 and checkpoint.list_checkpoints(args.run))
     result = train(args.dataset, args.run,
                    model_config=load_model_config(args.config) if args.config else None,
                    overrides=given(args, TrainConfig), resume=resume,
                    condition=args.condition, time_limit_minutes=args.time_limit,
-                   progress=not args.no_progress)
+                   elastic=args.elastic, progress=not args.no_progress)
     if result["rank"] == 0:
         from rainforest import runlog
 
@@ -447,6 +449,11 @@ def _add_train(commands) -> None:
     tr.add_argument("--time-limit", type=float, metavar="MINUTES",
                     help="stop cleanly with a checkpoint after this much wall time "
                          "(e.g. inside a Slurm time limit); --resume continues")
+    tr.add_argument("--elastic", action="store_true",
+                    help="survive lost ranks and take in new ones (horovodrun --gloo with "
+                         "--min-np and --host-discovery-script; see launch/elastic-local.sh); "
+                         "state is committed every --commit-every steps, and a rank that "
+                         "joins resumes RUN")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_options(tr, TrainConfig, title="training")
     tr.set_defaults(handler=cmd_train)

@@ -39,6 +39,7 @@ from rainforest.dataset import (
 from rainforest.errors import CheckpointError, ParameterError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
 from rainforest.runlog import RankZeroLog
+from rainforest.watchdog import arm_watchdog
 
 COMPILE_MODES = ("eager", "graph", "xla")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
@@ -75,13 +76,20 @@ class TrainConfig(Config):
     precision: str = setting("auto", "auto: bfloat16 compute on a GPU, float32 on a CPU",
                              choices=PRECISIONS)
     log_every: int = setting(10, "metrics period in steps")
+    stall_timeout: float = setting(600.0, "end a rank when, after its first step, no step has "
+                                   "finished for this many seconds, so a hung rank cannot "
+                                   "hang the job (MPI has no collective timeout); 0: never")
+    commit_every: int = setting(10, "with --elastic: keep a copy of the state in memory every N "
+                                "steps (and at each checkpoint); a lost rank costs the steps "
+                                "since the last one")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "target_length", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
+                     "keep_checkpoints", "log_every", "commit_every"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "validation_every", "validation_windows", "seed"):
+        for name in ("warmup_steps", "validation_every", "validation_windows", "seed",
+                     "stall_timeout"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not self.clip_norm > 0:
@@ -430,7 +438,7 @@ def training_input(dataset: Dataset, state: TrainingState, *, rank: int,
 def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None,
           config: TrainConfig | None = None, overrides: Mapping[str, Any] | None = None,
           resume: bool = False, condition: bool = False,
-          time_limit_minutes: float | None = None,
+          time_limit_minutes: float | None = None, elastic: bool = False,
           progress: bool = True, log=print) -> dict[str, Any]:
     """Train a WaveNet on a dataset; every rank calls this (see ``rainforest train --help``).
 
@@ -438,6 +446,8 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     asked for by name (the command line's); on ``resume`` only ``steps`` is taken from them
     and from ``config``. ``time_limit_minutes`` stops the run cleanly, with a checkpoint, once
     that much wall time has passed since the first step (useful inside a Slurm time limit).
+    ``elastic`` survives lost and joining ranks under ``horovodrun --host-discovery-script``
+    (see :mod:`rainforest.elastic`).
 
     Returns a summary on every rank: final step, last losses, held-out bits per sample.
     """
@@ -461,23 +471,37 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     if state.resumed_from:
         with checkpoint.local_copy(state.resumed_from) as folder:
             trainer.load(folder)
-    writer = RankZeroLog(run, rank, progress=progress, log=log)
-    unigram = None
-    if data.validation is not None:
-        unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
     say(_banner(dataset, state, size, data))
     deadline = None if time_limit_minutes is None else time.monotonic() + 60 * time_limit_minutes
-    stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
-                                 deadline=deadline, audio=dataset.audio, run=run)
+    try:
+        if elastic:  # Horovod: no collective before elastic.run's first sync (joiners deadlock)
+            from rainforest.elastic import train_elastic
+
+            stopped_by, val_bits, unigram, writer = train_elastic(
+                trainer, state, dataset, run=run, deadline=deadline, progress=progress, log=log)
+        else:
+            writer = RankZeroLog(run, rank, progress=progress, log=log)
+            unigram = None
+            if data.validation is not None:
+                unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
+            stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
+                                         deadline=deadline, audio=dataset.audio, run=run)
+    finally:
+        arm_watchdog(0)  # an error leaving the loop must not leave a watchdog behind
     writer.finish(state.step, stopped_by)
     return {"step": state.step, "stopped_by": stopped_by, "validation_bits": val_bits,
-            "unigram_bits": unigram, "rank": rank, "ranks": size, "last": writer.last}
+            "unigram_bits": unigram, "rank": hvd.rank(), "ranks": hvd.size(),
+            "last": writer.last}
 
 
 def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: RankZeroLog,
-          *, unigram: float | None, deadline: float | None, audio, run: str
+          *, unigram: float | None, deadline: float | None, audio, run: str, commit=None
           ) -> tuple[str, float]:
-    """Train from ``state.step`` to the last step or a stop; returns (stopped by, bits)."""
+    """Train from ``state.step`` to the last step or a stop; returns (stopped by, bits).
+
+    ``commit`` (elastic training) is called every ``commit_every`` steps and after each
+    checkpoint, so no checkpoint is ever ahead of the state a lost rank rolls back to.
+    """
     config, size = state.train, trainer.size
     stop = _StopFlag()
     stop.install()
@@ -494,11 +518,13 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
     writer.start(state.step, config.steps)
     tick, tick_step = time.perf_counter(), state.step
     val_bits, stopped_by = float("nan"), ""
+    watchdog = arm_watchdog(config.stall_timeout)  # stays armed across elastic resets
     for windows, labels in data.sampler.tf_dataset(state.step, config.steps):
         if deadline is not None and time.monotonic() > deadline and not stop.requested:
             stop.requested, stop.signal_name = True, "the time limit"
         loss, norm, stop_all = trainer.train_step(windows, labels, state.step,
                                                   stop_requested=stop.requested)
+        watchdog.beat()
         state.step += 1
         step = state.step
         scalars = {"loss_bits": loss / math.log(2.0), "grad_norm": norm,
@@ -516,9 +542,13 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
         if step % config.checkpoint_every == 0:
             save()
             last_saved = step
+        if commit is not None and (step % config.commit_every == 0
+                                   or step % config.checkpoint_every == 0):
+            commit()  # Horovod: a collective; raises when ranks were lost or hosts added
         if stop_all:
             stopped_by = stop.signal_name or "another rank"
             break
+    watchdog.disarm()
     if last_saved != state.step:
         save()
     return stopped_by, val_bits
