@@ -14,12 +14,13 @@ The study the project this replaces reported (43% parallel efficiency at 8 threa
 
 The model, for N songs in S = ceil(N / k) shards of k songs on W workers:
 
-    T(W) = ceil(S / W) * k * c  +  N * (1 + 1/k) * o  +  N * b / B  +  t0
+    T(W) = ceil(S / W) * k * c  +  N * (2/k) * o  +  N * b / B  +  t0
 
 with c the compute per song (from T(1)), o the scheduler's per-task overhead (measured; the
-scheduler handles tasks one at a time, so it does not shrink with W), 1 + 1/k tasks per song
-(identify, then its share of a shard task), b the bytes per song, B the aggregate bandwidth of
-the shared storage (a stated assumption, --storage-gbps), and t0 the fixed cost of a run
+scheduler handles tasks one at a time, so it does not shrink with W), 2/k tasks per song
+(its share of an identify task and of a shard task, each over k songs), b the bytes per
+song, B the aggregate bandwidth of the shared storage (a stated assumption, --storage-gbps;
+added, not overlapped, so the projection errs low), and t0 the fixed cost of a run
 (the intercept of T(1) against N). The first term is the waves of shard tasks: the last wave
 is where workers idle.
 
@@ -73,7 +74,7 @@ def project(*, songs: int, workers: int, per_song: float, overhead: float, fixed
     """The model's wall time (see the module docstring)."""
     shards = math.ceil(songs / songs_per_shard)
     compute = math.ceil(shards / workers) * songs_per_shard * per_song
-    scheduling = songs * (1 + 1 / songs_per_shard) * overhead
+    scheduling = songs * (2 / songs_per_shard) * overhead
     storage = songs * song_bytes / storage_bytes_per_second
     return compute + scheduling + storage + fixed
 
