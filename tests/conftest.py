@@ -65,6 +65,19 @@ def tree_entries(root: Path) -> dict[str, str]:
             for p in root.rglob("*")}
 
 
+def rank_env() -> dict[str, str]:
+    """The environment for Horovod ranks started by a test: this venv's launchers first on
+    PATH, OpenMPI allowed to run as root (containers and CI often do), quiet TensorFlow, and
+    unbuffered output so a killed rank's last lines are not lost."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def assert_same_tree(left: Path, right: Path) -> None:
     """Byte-identical folders at every depth: the same relative paths (files and folders) on
     both sides, and the same bytes in every file."""

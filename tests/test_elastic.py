@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, rank_env
 from rainforest import checkpoint, runlog
 from rainforest.elastic import last_logged_step, weights_digest
 from rainforest.train import TrainingState
@@ -36,14 +36,6 @@ STARTUP_TIMEOUT = 240
 LOST_RANK_EXIT_BOUND = 60
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 class Job:
@@ -53,7 +45,7 @@ class Job:
         self.lines: list[tuple[float, str]] = []
         self.process = subprocess.Popen(
             [str(c) for c in command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env={**_env(), **env}, start_new_session=True)
+            text=True, env={**rank_env(), **env}, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -254,7 +246,7 @@ def test_without_elastic_a_lost_rank_ends_the_job_promptly_and_resume_continues(
     resumed = subprocess.run(
         [sys.executable, "-m", "rainforest.cli", "train", str(periodic_dataset), "--run",
          str(run), "--resume", "--steps", str(state.step + 5), "--no-progress"],
-        capture_output=True, text=True, env=_env(), timeout=STARTUP_TIMEOUT)
+        capture_output=True, text=True, env=rank_env(), timeout=STARTUP_TIMEOUT)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"resuming {state.resumed_from} at step {state.step}" in resumed.stdout
     after = runlog.read_metrics(str(run))[len(before):]
@@ -335,7 +327,7 @@ def test_stall_watchdog_waits_for_the_first_step_then_ends_a_stalled_process():
         "time.sleep(10)\n"
         "print('not ended', flush=True)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=_env(), timeout=60)
+                            env=rank_env(), timeout=60)
     assert result.returncode == 124, result.stdout + result.stderr
     assert result.stdout.split("\n")[:1] == ["alive after the first step"]
     assert "not ended" not in result.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_TRAINING
+from conftest import TINY_TRAINING, rank_env
 from rainforest import checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -28,22 +28,14 @@ TWO_RANKS = {
 }
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
-    # Containers and CI often run as root; OpenMPI refuses that unless told it is intended.
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
 
 
 def _launch(launcher: str | None, *command, timeout=600) -> subprocess.CompletedProcess:
     prefix = TWO_RANKS[launcher] if launcher else []
-    if launcher and shutil.which(prefix[0], path=_env()["PATH"]) is None:
+    if launcher and shutil.which(prefix[0], path=rank_env()["PATH"]) is None:
         pytest.fail(f"{prefix[0]} is not installed; run scripts/install.sh")
     result = subprocess.run([*prefix, *map(str, command)], capture_output=True, text=True,
-                            env=_env(), timeout=timeout)
+                            env=rank_env(), timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
