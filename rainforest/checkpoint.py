@@ -61,10 +61,12 @@ def list_checkpoints(run: str) -> list[str]:
 
 
 def remove_leftovers(run: str) -> list[str]:
-    """Delete what a killed writer left under the run's checkpoints: staging folders or
-    prefixes, and on an object store the step prefixes whose copy never reached config.json.
-    Returns their names. (A local step folder is renamed into place whole, so one without
-    config.json is damage, which is reported when read, not deleted.)"""
+    """Delete what a killed writer left in the run: staging files, folders or prefixes (of
+    checkpoints, and of the logs beside them), and on an object store the step prefixes
+    whose copy never reached config.json. Returns the checkpoint names removed. (A local step
+    folder is renamed into place whole, so one without config.json is damage, which is
+    reported when read, not deleted.)"""
+    storage.remove_stale_staging(run)  # e.g. a log upload cut off by the kill
     root = checkpoint_root(run)
     names = [name for name in storage.list_names(root)
              if (name.startswith(".") and storage.TEMP_MARKER in name)
