@@ -11,7 +11,10 @@ rate follows the new size. Horovod's own ``TensorFlowKerasState`` fails on Keras
 and ``TensorFlowState`` deadlocks on a re-join, hence this class (see ARCHITECTURE.md).
 
 ``metrics.jsonl`` keeps the first record of each step: after a rollback the repeated steps
-are trained again but not logged again, so its steps only ever go forward.
+are trained again but not logged again, so its steps only ever go forward. Every rank keeps
+the scalars of its recent steps (they are averaged over the ranks, so equal on all), and a rank
+that has just become rank 0 first writes the steps its dead predecessor trained but did not
+live to log: each step appears once.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from horovod.common.elastic import State
 
 from rainforest.errors import RainforestError
 from rainforest.runlog import METRICS_NAME, RankZeroLog
+
+
+#: How many steps' scalars every rank keeps for a new rank 0 to log: more than any rollback.
+RECENT_STEPS = 1000
 
 
 class ElasticTrainingState(State):
@@ -58,21 +65,33 @@ class ElasticTrainingState(State):
 
 
 class SkipLoggedSteps(RankZeroLog):
-    """Rank 0's log that does not write a step again that ``metrics.jsonl`` already holds.
+    """Rank 0's log that writes each step of ``metrics.jsonl`` once, across lost ranks.
 
     It reads the file on creation, so a rank that has just become rank 0 (the old one died)
-    continues the record where the old one stopped.
+    continues the record where the old one stopped. ``recent`` (shared by the writers of one
+    process across resets) holds every rank's scalars of the steps since the last commit and
+    before it; a step the file lacks but ``recent`` holds is written before the next one.
     """
 
-    def __init__(self, run: str, rank: int, size: int, **kwargs) -> None:
+    def __init__(self, run: str, rank: int, size: int, recent: dict[int, dict], **kwargs
+                 ) -> None:
         super().__init__(run, rank, **kwargs)
-        self.size = size
+        self.size, self.recent = size, recent
         self.logged = last_logged_step(run) if self.active else 0
 
     def record(self, step: int, scalars: dict[str, float]) -> None:
+        for earlier in sorted(s for s in self.recent if s < step):
+            if earlier > self.logged:  # trained by every rank, never logged by the dead rank 0
+                self._write(earlier, self.recent[earlier])
+        self.recent[step] = {**scalars, "ranks": self.size}
+        for old in [s for s in self.recent if s < step - RECENT_STEPS]:
+            del self.recent[old]
         if step > self.logged:
-            super().record(step, {**scalars, "ranks": self.size})
-            self.logged = step
+            self._write(step, self.recent[step])
+
+    def _write(self, step: int, scalars: dict[str, float]) -> None:
+        super().record(step, scalars)
+        self.logged = max(self.logged, step)
 
 
 def last_logged_step(run: str) -> int:
@@ -108,7 +127,7 @@ def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool
     hvd = trainer.hvd
     trainer.broadcast_done = True  # the first sync below is the broadcast
     elastic_state = ElasticTrainingState(state, trainer, hvd)
-    outcome = {}
+    outcome, recent = {}, {}
 
     # Horovod: elastic.run syncs from rank 0, and on a lost or added rank restores the last
     # commit, re-forms the ring and calls the function again
@@ -118,7 +137,7 @@ def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool
         trainer.size = size  # Horovod: 3. the learning rate follows the number of ranks
         data = training.training_input(dataset, state, rank=rank, size=size)
         state.data.update(ranks=size, steps_per_epoch=data.sampler.steps_per_epoch)
-        writer = SkipLoggedSteps(run, rank, size, progress=progress, log=log)
+        writer = SkipLoggedSteps(run, rank, size, recent, progress=progress, log=log)
         if rank == 0:
             log(f"elastic: {size} rank(s), training from step {state.step} (the last commit; "
                 f"{elastic_state.repeated} step(s) after it are done again); rank 0 trains on "
