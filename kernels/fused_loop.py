@@ -6,7 +6,8 @@ length ``dilation`` and one new sample costs O(layers), not O(receptive field). 
 recurrence (input lookup, every layer, output stack, softmax, sampling) runs in one ``@njit``
 function with no Python and no framework call per sample.
 
-Layout (all float32, C-contiguous; :mod:`rainforest.generate` exports it from a checkpoint):
+Layout (float32, C-contiguous, the matrices in the network's precision; :mod:`rainforest.generate`
+exports it from a checkpoint):
 
 ============================  ====================  ======================================
 array                         shape                 role
@@ -29,17 +30,26 @@ the codes at times t-1 and t; ``rng_states`` (B,) one splitmix64 state per strea
 reads those, computes the logits of the code at ``t + 1`` and samples it.
 
 Matrix products (:func:`_product`) are written row-times-vector with the output index
-innermost, in blocks of 4 streams x 4 weight rows, so each weight row is read once per step for
-every 4 streams and the inner loop is a contiguous, vectorisable multiply-add. Every output is
+innermost, in blocks of 4 streams x 4 weight rows (8 rows for a lone stream), so each weight
+row is read once per step for every 4 streams and the inner loop is a contiguous, vectorisable
+multiply-add. Every output is
 summed in the same order whatever the number of streams, so the codes of a stream do not
 depend on how many streams share its call. ``tanh`` and ``sigmoid`` use :func:`_exp32`, a
 polynomial exponential the compiler can vectorise (libm's ``expf`` is a scalar call).
+
+Precisions (:data:`PRECISIONS`): the five matrices may be stored as ``bfloat16`` (the upper
+16 bits of each float32, rounded to nearest even) or ``int8`` (one scale per weight row,
+``max |row| / 127``; the two output matrices stay bfloat16), so the single stream reads about
+a half or a quarter of the bytes and the medium config's weights fit a core's L2. Products still multiply and add in float32: a stored
+weight is widened in a register (a shift, or an int-to-float convert), and an int8 row's scale
+is folded into the activation it multiplies, once per row, not per weight. ``float32`` keeps
+scales of exactly 1, so its results are bit for bit what they were before precisions existed.
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from rainforest.errors import ParameterError
 from rainforest.kernels._flags import JIT_OPTIONS
@@ -76,6 +86,44 @@ def _power_of_two(typingctx, k):
         return builder.bitcast(builder.shl(exponent, ir.Constant(i32, 23)), ir.FloatType())
 
     return types.float32(types.float32), codegen
+
+
+#: ``--precision``: how the matrices are stored (see :func:`storage_format`).
+PRECISIONS = ("float32", "bfloat16", "int8")
+_INT8_LIMIT = 127
+#: The output stack (5% of the medium config's weights) decides the logits most directly:
+#: in int8 alone it flipped 7% of the argmax codes, in bfloat16 1.3%; so int8 keeps it bfloat16.
+_INT8_KEEPS_BFLOAT16 = ("output1_kernel", "output2_kernel")
+
+
+def storage_format(kernel, precision):
+    """How ``precision`` stores the matrix named ``kernel``: float32, bfloat16 or int8."""
+    if precision == "int8" and kernel in _INT8_KEEPS_BFLOAT16:
+        return "bfloat16"
+    return precision
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 ``bits`` (a register move, no memory)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def _widen(weight):
+    """A stored weight as float32 (see the module docstring); compiled only."""
+
+
+@overload(_widen, inline="always")
+def _widen_overload(weight):
+    if weight == types.float32:
+        return lambda weight: weight
+    if weight == types.uint16:  # bfloat16: the high half of a float32
+        return lambda weight: _float32_from_bits(np.uint32(weight) << np.uint32(16))
+    if weight == types.int8:
+        return lambda weight: np.float32(weight)
+    return None
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
@@ -154,17 +202,21 @@ def _sample(logits, temperature, states, stream, weights):
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
-def _four_rows_four_streams(x, w, out, b, i):
-    """out[b:b+4] += x[b:b+4, i:i+4] @ w[i:i+4]: each loaded weight serves 4 streams, and
-    each output is loaded and stored once per 4 weight rows."""
+def _four_rows_four_streams(x, w, scale, out, b, i):
+    """out[b:b+4] += (x[b:b+4, i:i+4] * scale[i:i+4]) @ w[i:i+4]: each loaded weight serves
+    4 streams, and each output is loaded and stored once per 4 weight rows."""
     w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+    s0, s1, s2, s3 = scale[i], scale[i + 1], scale[i + 2], scale[i + 3]
     o0, o1, o2, o3 = out[b], out[b + 1], out[b + 2], out[b + 3]
-    a0, a1, a2, a3 = x[b, i], x[b, i + 1], x[b, i + 2], x[b, i + 3]
-    b0, b1, b2, b3 = x[b + 1, i], x[b + 1, i + 1], x[b + 1, i + 2], x[b + 1, i + 3]
-    c0, c1, c2, c3 = x[b + 2, i], x[b + 2, i + 1], x[b + 2, i + 2], x[b + 2, i + 3]
-    d0, d1, d2, d3 = x[b + 3, i], x[b + 3, i + 1], x[b + 3, i + 2], x[b + 3, i + 3]
+    a0, a1, a2, a3 = x[b, i] * s0, x[b, i + 1] * s1, x[b, i + 2] * s2, x[b, i + 3] * s3
+    b0, b1 = x[b + 1, i] * s0, x[b + 1, i + 1] * s1
+    b2, b3 = x[b + 1, i + 2] * s2, x[b + 1, i + 3] * s3
+    c0, c1 = x[b + 2, i] * s0, x[b + 2, i + 1] * s1
+    c2, c3 = x[b + 2, i + 2] * s2, x[b + 2, i + 3] * s3
+    d0, d1 = x[b + 3, i] * s0, x[b + 3, i + 1] * s1
+    d2, d3 = x[b + 3, i + 2] * s2, x[b + 3, i + 3] * s3
     for j in range(w.shape[1]):
-        p, q, r, s = w0[j], w1[j], w2[j], w3[j]
+        p, q, r, s = _widen(w0[j]), _widen(w1[j]), _widen(w2[j]), _widen(w3[j])
         o0[j] = (((o0[j] + a0 * p) + a1 * q) + a2 * r) + a3 * s
         o1[j] = (((o1[j] + b0 * p) + b1 * q) + b2 * r) + b3 * s
         o2[j] = (((o2[j] + c0 * p) + c1 * q) + c2 * r) + c3 * s
@@ -172,46 +224,63 @@ def _four_rows_four_streams(x, w, out, b, i):
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
-def _four_rows_one_stream(x, w, out, b, i):
-    """out[b] += x[b, i:i+4] @ w[i:i+4]: the matrix-vector form, each output loaded and
-    stored once per 4 weight rows, so the loop runs at the speed weights arrive."""
+def _eight_rows_one_stream(x, w, scale, out, b, i):
+    """out[b] += (x[b, i:i+8] * scale[i:i+8]) @ w[i:i+8]: the matrix-vector form, each
+    output loaded and stored once per 8 weight rows, so the loop runs at the speed weights
+    arrive. The sum runs row by row, as in 4-row blocks: the same result."""
     w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+    w4, w5, w6, w7 = w[i + 4], w[i + 5], w[i + 6], w[i + 7]
     o = out[b]
-    a0, a1, a2, a3 = x[b, i], x[b, i + 1], x[b, i + 2], x[b, i + 3]
+    a0, a1 = x[b, i] * scale[i], x[b, i + 1] * scale[i + 1]
+    a2, a3 = x[b, i + 2] * scale[i + 2], x[b, i + 3] * scale[i + 3]
+    a4, a5 = x[b, i + 4] * scale[i + 4], x[b, i + 5] * scale[i + 5]
+    a6, a7 = x[b, i + 6] * scale[i + 6], x[b, i + 7] * scale[i + 7]
     for j in range(w.shape[1]):
-        o[j] = (((o[j] + a0 * w0[j]) + a1 * w1[j]) + a2 * w2[j]) + a3 * w3[j]
+        first = (((o[j] + a0 * _widen(w0[j])) + a1 * _widen(w1[j])) + a2 * _widen(w2[j])
+                 + a3 * _widen(w3[j]))
+        o[j] = ((((first + a4 * _widen(w4[j])) + a5 * _widen(w5[j])) + a6 * _widen(w6[j]))
+                + a7 * _widen(w7[j]))
 
 
 @njit(**_GENERATE_OPTIONS)
-def _product(x, w, out):
-    """out (B, N) += x (B, K) @ w (K, N), in blocks of 4 streams x 4 weight rows; the streams
-    and rows left over go through the same order one at a time."""
+def _product(x, w, scale, out):
+    """out (B, N) += (x (B, K) * scale (K,)) @ w (K, N), in blocks of 4 streams x 4 weight
+    rows; the streams and rows left over go through the same order one at a time."""
     streams, inner = x.shape
     whole_rows = inner - inner % 4
     blocked_streams = streams - streams % 4
     for b in range(0, blocked_streams, 4):
         for i in range(0, whole_rows, 4):
-            _four_rows_four_streams(x, w, out, b, i)
+            _four_rows_four_streams(x, w, scale, out, b, i)
+    octets = inner - inner % 8
     for b in range(blocked_streams, streams):
-        for i in range(0, whole_rows, 4):
-            _four_rows_one_stream(x, w, out, b, i)
+        for i in range(0, octets, 8):
+            _eight_rows_one_stream(x, w, scale, out, b, i)
+    for b in range(blocked_streams, streams):  # the 4 rows an odd octet count leaves
+        for i in range(octets, whole_rows):
+            value = x[b, i] * scale[i]
+            row, o = w[i], out[b]
+            for j in range(w.shape[1]):
+                o[j] += value * _widen(row[j])
     for i in range(whole_rows, inner):
         row = w[i]
         for b in range(streams):
-            value = x[b, i]
+            value = x[b, i] * scale[i]
             o = out[b]
             for j in range(w.shape[1]):
-                o[j] += value * row[j]
+                o[j] += value * _widen(row[j])
 
 
 @njit(**_GENERATE_OPTIONS)
 def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
               residual_kernel, residual_bias, skip_kernel, skip_bias, output1_kernel,
-              output1_bias, output2_kernel, output2_bias, dilations, ring_offsets,
+              output1_bias, output2_kernel, output2_bias, scales, dilations, ring_offsets,
               rings, last_codes, rng_states, position, temperature, forced, codes_out,
               logits_out):
     """The loop. Every kernel comes as (K, N) for :func:`_product` (``skip_kernel`` as
-    (L*G, S)); ``gate_kernel`` and ``residual_kernel`` carry a leading layer axis."""
+    (L*G, S)); ``gate_kernel`` and ``residual_kernel`` carry a leading layer axis.
+    ``scales`` holds each kernel's row scales, in that order."""
+    gate_scale, residual_scale, skip_scale, output1_scale, output2_scale = scales
     streams, steps = codes_out.shape
     layers = dilations.shape[0]
     residual = rings.shape[2]
@@ -246,7 +315,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
                     rings[b, slot, i] = taps[b, residual + i]
                 for j in range(double_gate):
                     z[b, j] = gate_bias[b, layer, j]
-            _product(taps, gate_kernel[layer], z)
+            _product(taps, gate_kernel[layer], gate_scale[layer], z)
             first = layer * gate
             for b in range(streams):
                 for k in range(gate):
@@ -257,7 +326,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
                 for b in range(streams):
                     for i in range(residual):
                         delta[b, i] = residual_bias[layer, i]
-                _product(gated, residual_kernel[layer], delta)
+                _product(gated, residual_kernel[layer], residual_scale[layer], delta)
                 for b in range(streams):
                     for i in range(residual):
                         taps[b, residual + i] += delta[b, i]
@@ -266,18 +335,18 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
         for b in range(streams):
             for j in range(skip):
                 skip_sum[b, j] = skip_bias[j]
-        _product(gated_all, skip_kernel, skip_sum)
+        _product(gated_all, skip_kernel, skip_scale, skip_sum)
         for b in range(streams):
             for j in range(skip):
                 skip_sum[b, j] = skip_sum[b, j] if skip_sum[b, j] > 0 else np.float32(0.0)
                 head[b, j] = output1_bias[j]
-        _product(skip_sum, output1_kernel, head)
+        _product(skip_sum, output1_kernel, output1_scale, head)
         for b in range(streams):
             for j in range(skip):
                 head[b, j] = head[b, j] if head[b, j] > 0 else np.float32(0.0)
             for j in range(classes):
                 logits[b, j] = output2_bias[j]
-        _product(head, output2_kernel, logits)
+        _product(head, output2_kernel, output2_scale, logits)
 
         for b in range(streams):
             if record_logits:
@@ -305,7 +374,10 @@ class FusedNetwork:
     ``condition`` (labels, L, 2G) the gate bias each label adds (empty without labels).
     """
 
-    def __init__(self, *, dilations, gate_bias, condition, **arrays):
+    def __init__(self, *, dilations, gate_bias, condition, precision="float32", **arrays):
+        if precision not in PRECISIONS:
+            raise ParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         missing = set(NETWORK_ARRAYS) - set(arrays)
         if missing or set(arrays) - set(NETWORK_ARRAYS):
             raise ParameterError(f"FusedNetwork needs exactly {NETWORK_ARRAYS}; "
@@ -317,6 +389,26 @@ class FusedNetwork:
         self.dilations = np.ascontiguousarray(dilations, dtype=np.int64)
         self.ring_offsets = np.concatenate([[0], np.cumsum(self.dilations)[:-1]]).astype(np.int64)
         self._check_shapes()
+        self._stored = None
+
+    def at_precision(self, precision):
+        """The same network with its matrices stored as ``precision`` (see :data:`PRECISIONS`).
+
+        Its float32 arrays hold the values the stored weights stand for, so the numpy code
+        that primes a state reads the same network as the loop that continues from it.
+        """
+        if precision not in PRECISIONS:
+            raise ParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        stored = {name: _store(kernel, storage_format(name, precision))
+                  for name, kernel in self.row_kernels().items()}
+        arrays = {name: getattr(self, name) for name in NETWORK_ARRAYS}
+        for name, (weights, scale) in stored.items():
+            meant = widened(weights) * scale[..., None]
+            arrays[name] = meant.reshape(arrays[name].shape)
+        network = FusedNetwork(dilations=self.dilations, gate_bias=self.gate_bias,
+                               condition=self.condition, precision=precision, **arrays)
+        network._stored = stored
+        return network
 
     @property
     def layers(self):
@@ -370,12 +462,50 @@ class FusedNetwork:
         kernels["skip_kernel"] = self.skip_kernel.reshape(-1, self.skip_kernel.shape[2])
         return kernels
 
+    def stored_kernels(self):
+        """``(weights, row scales)`` of each kernel of :meth:`row_kernels`, in this network's
+        precision: what the loop reads. Computed once."""
+        if self._stored is None:
+            self._stored = {name: _store(kernel, storage_format(name, self.precision))
+                            for name, kernel in self.row_kernels().items()}
+        return self._stored
+
     @property
     def nbytes(self):
         """Bytes of weights one generated sample reads (the input tables: two rows only)."""
-        read = sum(getattr(self, name).nbytes for name in NETWORK_ARRAYS
-                   if not name.startswith("input_"))
-        return read - self.residual_kernel[-1].nbytes - self.residual_bias[-1].nbytes
+        total = 0
+        for name, (weights, scale) in self.stored_kernels().items():
+            total += weights.nbytes + (scale.nbytes if weights.dtype == np.int8 else 0)
+        residual, residual_scale = self.stored_kernels()["residual_kernel"]
+        total -= residual[-1].nbytes  # the last block has no residual
+        total -= residual_scale[-1].nbytes if residual.dtype == np.int8 else 0
+        biases = sum(getattr(self, name).nbytes for name in NETWORK_ARRAYS
+                     if name.endswith("_bias") and not name.startswith("input_"))
+        return total + biases - self.residual_bias[-1].nbytes
+
+
+def _store(kernel, form):
+    """A float32 (..., K, N) kernel stored as ``form`` (float32, bfloat16 or int8), and its
+    (..., K) row scales."""
+    ones = np.ones(kernel.shape[:-1], np.float32)
+    if form == "float32":
+        return kernel, ones
+    if form == "bfloat16":  # round to nearest even on the 16 bits that are dropped
+        bits = kernel.view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return np.ascontiguousarray(rounded.astype(np.uint16)), ones
+    largest = np.abs(kernel).max(axis=-1)
+    scale = np.where(largest > 0, largest / _INT8_LIMIT, 1.0).astype(np.float32)
+    quantised = np.clip(np.rint(kernel / scale[..., None]), -_INT8_LIMIT, _INT8_LIMIT)
+    return np.ascontiguousarray(quantised.astype(np.int8)), scale
+
+
+def widened(stored):
+    """The float32 values of stored weights (float32, bfloat16 as uint16, or int8) before their
+    row scales: what :func:`_widen` computes in the loop."""
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
 
 
 class StreamState:
@@ -462,12 +592,14 @@ def generate_codes(network, state, steps, *, temperature=1.0, forced=None,
     codes = np.empty((streams, steps), np.uint8)
     logits = np.empty((steps if record_logits else 0, streams, network.classes), np.float32)
     if steps:
-        kernels = network.row_kernels()
+        kernels = network.stored_kernels()
+        matrices = {name: stored for name, (stored, _) in kernels.items()}
+        scales = tuple(kernels[name][1] for name in FusedNetwork.KERNELS)
         _generate(network.input_previous, network.input_current, network.input_bias,
-                  kernels["gate_kernel"], state.gate_bias, kernels["residual_kernel"],
-                  network.residual_bias, kernels["skip_kernel"], network.skip_bias,
-                  kernels["output1_kernel"], network.output1_bias, kernels["output2_kernel"],
-                  network.output2_bias, network.dilations, network.ring_offsets,
+                  matrices["gate_kernel"], state.gate_bias, matrices["residual_kernel"],
+                  network.residual_bias, matrices["skip_kernel"], network.skip_bias,
+                  matrices["output1_kernel"], network.output1_bias, matrices["output2_kernel"],
+                  network.output2_bias, scales, network.dilations, network.ring_offsets,
                   state.rings, state.last_codes, state.rng_states, state.position,
                   temperature, forced, codes, logits)
     state.position += steps

@@ -115,3 +115,22 @@ def test_generation_works_without_tensorflow(trained_run, tmp_path):
     with_tensorflow = _generate(trained_run, tmp_path / "with", "--seconds", "0.2",
                                 "--streams", "2", "--seed", "4")
     assert with_tensorflow == {p.name: p.read_bytes() for p in sorted(out.glob("*.wav"))}
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_precision_option_generates_with_those_weights(trained_run, tmp_path, precision):
+    # Sampled at temperature 1: over 4000 draws some code lies near a boundary of the
+    # inverse CDF, so float32 weights would give other bytes (checked: the test fails then).
+    seconds, rate = 0.25, 16000
+    made = _generate(trained_run, tmp_path / precision, "--seconds", seconds,
+                     "--precision", precision)
+    settings = json.loads((tmp_path / precision / "generation.json").read_text())["settings"]
+    assert settings["precision"] == precision
+    source = load_network(str(trained_run))
+    network = source.network.at_precision(precision)
+    state = prime_state(network, np.empty((1, 0)), gate_bias=stream_gate_bias(network, [0]),
+                        seeds=stream_seeds(0, 1))
+    codes = generate_codes(network, state, int(seconds * rate))
+    expected = write_outputs(codes, source.audio, str(tmp_path / "expected"), plot=False)
+    with open(expected[0], "rb") as handle:
+        assert handle.read() == made["stream-000.wav"]

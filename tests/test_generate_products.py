@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from rainforest.generate import load_network, prime_state, stream_gate_bias, stream_seeds
-from rainforest.kernels.fused_loop import _product, generate_codes
+from rainforest.kernels.fused_loop import PRECISIONS, _product, _store, generate_codes, widened
 from rainforest.model_config import PRESETS, ModelConfig
 from test_generate import assert_logits_close, keras_checkpoint, keras_logits, label_ids
 
@@ -15,30 +15,34 @@ ODD_WIDTHS = ModelConfig(dilations=(1, 2, 3, 1), residual_channels=7, gate_chann
                          condition_channels=3)
 
 
-def _one_at_a_time(x, w, start):
+def _one_at_a_time(x, w, scale, start):
     """The product for each stream in a call of its own (one row of x at a time)."""
     rows = []
     for b in range(x.shape[0]):
         out = start[b:b + 1].copy()
-        _product(x[b:b + 1], w, out)
+        _product(x[b:b + 1], w, scale, out)
         rows.append(out[0])
     return np.stack(rows)
 
 
+@pytest.mark.parametrize("form", PRECISIONS)
 @pytest.mark.parametrize("streams, inner, outputs", [
     (1, 128, 128), (4, 128, 128), (32, 128, 256), (5, 13, 7), (6, 3, 9), (7, 130, 1), (3, 1, 5),
+    (1, 12, 16), (2, 20, 3),
 ])
-def test_product_is_the_same_for_one_stream_or_many(streams, inner, outputs):
+def test_product_is_the_same_for_one_stream_or_many(streams, inner, outputs, form):
     """Bit for bit: a stream's outputs do not depend on how many streams share the call or on
-    which block of 4 it falls in; and they are the product itself (float64 reference)."""
+    which block it falls in; and they are the product of the stored weights, widened and
+    scaled (float64 reference)."""
     rng = np.random.default_rng(streams * 1000 + inner + outputs)
     x = rng.standard_normal((streams, inner)).astype(np.float32)
-    w = rng.standard_normal((inner, outputs)).astype(np.float32)
+    w, scale = _store(rng.standard_normal((inner, outputs)).astype(np.float32), form)
     start = rng.standard_normal((streams, outputs)).astype(np.float32)
     together = start.copy()
-    _product(x, w, together)
-    np.testing.assert_array_equal(together, _one_at_a_time(x, w, start))
-    exact = start.astype(np.float64) + x.astype(np.float64) @ w.astype(np.float64)
+    _product(x, w, scale, together)
+    np.testing.assert_array_equal(together, _one_at_a_time(x, w, scale, start))
+    meant = widened(w).astype(np.float64) * scale.astype(np.float64)[:, None]
+    exact = start.astype(np.float64) + x.astype(np.float64) @ meant
     np.testing.assert_allclose(together, exact, rtol=1e-5, atol=1e-5 * np.sqrt(inner))
 
 
