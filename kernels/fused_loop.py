@@ -40,9 +40,10 @@ polynomial exponential the compiler can vectorise (libm's ``expf`` is a scalar c
 Precisions (:data:`PRECISIONS`): the five matrices may be stored as ``bfloat16`` (the upper
 16 bits of each float32, rounded to nearest even) or ``int8`` (one scale per weight row,
 ``max |row| / 127``; the two output matrices stay bfloat16), so the single stream reads about
-a half or a quarter of the bytes and the medium config's weights fit a core's L2. Products still multiply and add in float32: a stored
-weight is widened in a register (a shift, or an int-to-float convert), and an int8 row's scale
-is folded into the activation it multiplies, once per row, not per weight. ``float32`` keeps
+a half or a quarter of the bytes and the medium config's weights fit a core's L2. Products
+still multiply and add in float32: a stored weight is widened in a register (a shift, or an
+int-to-float convert), and an int8 row's scale is folded into the activation it multiplies,
+once per row, not per weight. ``float32`` keeps
 scales of exactly 1, so its results are bit for bit what they were before precisions existed.
 """
 
@@ -474,7 +475,7 @@ class FusedNetwork:
     def nbytes(self):
         """Bytes of weights one generated sample reads (the input tables: two rows only)."""
         total = 0
-        for name, (weights, scale) in self.stored_kernels().items():
+        for weights, scale in self.stored_kernels().values():
             total += weights.nbytes + (scale.nbytes if weights.dtype == np.int8 else 0)
         residual, residual_scale = self.stored_kernels()["residual_kernel"]
         total -= residual[-1].nbytes  # the last block has no residual

@@ -29,7 +29,6 @@ from horovod.common.elastic import State
 from rainforest.errors import RainforestError
 from rainforest.runlog import METRICS_NAME, RankZeroLog
 
-
 #: How many steps' scalars every rank keeps for a new rank 0 to log: more than any rollback.
 RECENT_STEPS = 1000
 
