@@ -32,10 +32,10 @@ reads those, computes the logits of the code at ``t + 1`` and samples it.
 Matrix products (:func:`_product`) are written row-times-vector with the output index
 innermost, in blocks of 4 streams x 4 weight rows (8 rows for a lone stream), so each weight
 row is read once per step for every 4 streams and the inner loop is a contiguous, vectorisable
-multiply-add. Every output is
-summed in the same order whatever the number of streams, so the codes of a stream do not
-depend on how many streams share its call. ``tanh`` and ``sigmoid`` use :func:`_exp32`, a
-polynomial exponential the compiler can vectorise (libm's ``expf`` is a scalar call).
+multiply-add. Every output is summed in the same order whatever the number of streams, so
+the codes of a stream do not depend on how many streams share its call. ``tanh`` and
+``sigmoid`` use :func:`_exp32`, a polynomial exponential the compiler can vectorise (libm's
+``expf`` is a scalar call).
 
 Precisions (:data:`PRECISIONS`): the five matrices may be stored as ``bfloat16`` (the upper
 16 bits of each float32, rounded to nearest even) or ``int8`` (one scale per weight row,
@@ -43,8 +43,8 @@ Precisions (:data:`PRECISIONS`): the five matrices may be stored as ``bfloat16``
 a half or a quarter of the bytes and the medium config's weights fit a core's L2. Products
 still multiply and add in float32: a stored weight is widened in a register (a shift, or an
 int-to-float convert), and an int8 row's scale is folded into the activation it multiplies,
-once per row, not per weight. ``float32`` keeps
-scales of exactly 1, so its results are bit for bit what they were before precisions existed.
+once per row, not per weight. ``float32`` keeps scales of exactly 1, so its results are bit
+for bit what they were before precisions existed.
 """
 
 import numpy as np
@@ -243,33 +243,34 @@ def _eight_rows_one_stream(x, w, scale, out, b, i):
                 + a7 * _widen(w7[j]))
 
 
-@njit(**_GENERATE_OPTIONS)
-def _product(x, w, scale, out):
-    """out (B, N) += (x (B, K) * scale (K,)) @ w (K, N), in blocks of 4 streams x 4 weight
-    rows; the streams and rows left over go through the same order one at a time."""
-    streams, inner = x.shape
-    whole_rows = inner - inner % 4
-    blocked_streams = streams - streams % 4
-    for b in range(0, blocked_streams, 4):
-        for i in range(0, whole_rows, 4):
-            _four_rows_four_streams(x, w, scale, out, b, i)
-    octets = inner - inner % 8
-    for b in range(blocked_streams, streams):
-        for i in range(0, octets, 8):
-            _eight_rows_one_stream(x, w, scale, out, b, i)
-    for b in range(blocked_streams, streams):  # the 4 rows an odd octet count leaves
-        for i in range(octets, whole_rows):
-            value = x[b, i] * scale[i]
-            row, o = w[i], out[b]
-            for j in range(w.shape[1]):
-                o[j] += value * _widen(row[j])
-    for i in range(whole_rows, inner):
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _rows_one_at_a_time(x, w, scale, out, streams, first_row):
+    """out[streams] += (x * scale)[streams, first_row:] @ w[first_row:], a row at a time."""
+    for i in range(first_row, x.shape[1]):
         row = w[i]
-        for b in range(streams):
+        for b in streams:
             value = x[b, i] * scale[i]
             o = out[b]
             for j in range(w.shape[1]):
                 o[j] += value * _widen(row[j])
+
+
+@njit(**_GENERATE_OPTIONS)
+def _product(x, w, scale, out):
+    """out (B, N) += (x (B, K) * scale (K,)) @ w (K, N), in blocks of 4 streams x 4 weight
+    rows (8 rows for the streams left over); the rows left over go through the same order
+    one at a time."""
+    streams, inner = x.shape
+    whole_rows, octets = inner - inner % 4, inner - inner % 8
+    blocked_streams = streams - streams % 4
+    for b in range(0, blocked_streams, 4):
+        for i in range(0, whole_rows, 4):
+            _four_rows_four_streams(x, w, scale, out, b, i)
+    _rows_one_at_a_time(x, w, scale, out, range(blocked_streams), whole_rows)
+    for b in range(blocked_streams, streams):
+        for i in range(0, octets, 8):
+            _eight_rows_one_stream(x, w, scale, out, b, i)
+    _rows_one_at_a_time(x, w, scale, out, range(blocked_streams, streams), octets)
 
 
 @njit(**_GENERATE_OPTIONS)
