@@ -401,6 +401,8 @@ class FusedNetwork:
         """
         if precision not in PRECISIONS:
             raise ParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == self.precision:
+            return self
         stored = {name: _store(kernel, storage_format(name, precision))
                   for name, kernel in self.row_kernels().items()}
         arrays = {name: getattr(self, name) for name in NETWORK_ARRAYS}

@@ -79,14 +79,12 @@ class SkipLoggedSteps(RankZeroLog):
         self.logged = last_logged_step(run) if self.active else 0
 
     def record(self, step: int, scalars: dict[str, float]) -> None:
-        for earlier in sorted(s for s in self.recent if s < step):
-            if earlier > self.logged:  # trained by every rank, never logged by the dead rank 0
-                self._write(earlier, self.recent[earlier])
         self.recent[step] = {**scalars, "ranks": self.size}
-        for old in [s for s in self.recent if s < step - RECENT_STEPS]:
-            del self.recent[old]
-        if step > self.logged:
-            self._write(step, self.recent[step])
+        self.recent.pop(step - RECENT_STEPS, None)
+        # Steps trained by every rank but never logged by a dead rank 0 come first.
+        for missing in range(self.logged + 1, step + 1):
+            if missing in self.recent:
+                self._write(missing, self.recent[missing])
 
     def _write(self, step: int, scalars: dict[str, float]) -> None:
         super().record(step, scalars)

@@ -64,8 +64,9 @@ class GenerationConfig(Config):
     threads: int = setting(1, "CPU threads; streams are shared among them")
     precision: str = setting("float32", "how the loop stores the weights it multiplies by: "
                              "float32 (exact), bfloat16 (half the bytes, about 2x faster for "
-                             "one stream) or int8 (a scale per weight row, a quarter of the "
-                             "bytes); products are float32 in all three",
+                             "one stream) or int8 (a scale per weight row; the output stack "
+                             "stays bfloat16; about a quarter of the bytes); products are "
+                             "float32 in all three",
                              choices=PRECISIONS)
 
     def __post_init__(self) -> None:
