@@ -20,6 +20,7 @@ live to log: each step appears once.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 
@@ -119,7 +120,7 @@ def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool
 
     Returns ``(stopped_by, validation_bits, unigram_bits, writer)`` of the final membership.
     """
-    from rainforest import train as training
+    training = importlib.import_module("rainforest.train")  # deferred: train imports this module
 
     hvd = trainer.hvd
     trainer.broadcast_done = True  # the first sync below is the broadcast

@@ -25,13 +25,10 @@ import soundfile
 
 from rainforest import storage
 from rainforest.errors import ParameterError, RainforestError
-from rainforest.storage import TEMP_MARKER, cache_root
+from rainforest.storage import AUDIO_EXTENSIONS, TEMP_MARKER, cache_root
 
 #: The package :func:`debian_music` fetches when none is named.
 DEFAULT_PACKAGE = "wesnoth-1.16-music"
-
-#: File endings :func:`debian_music` returns.
-MUSIC_EXTENSIONS = (".ogg", ".mp3", ".flac", ".wav")
 
 #: Sample rates the mp3 encoder accepts.
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -102,7 +99,7 @@ def debian_music(package: str = DEFAULT_PACKAGE, *,
         files = _music_files(extracted)
         if not files:
             raise RainforestError(
-                f"Debian package {package!r} holds no {'/'.join(MUSIC_EXTENSIONS)} files; "
+                f"Debian package {package!r} holds no audio files ({', '.join(AUDIO_EXTENSIONS)}); "
                 f"pick a music package (for example {DEFAULT_PACKAGE!r})"
             )
         marker = {"package": package, "deb": deb.name, "files": len(files),
@@ -187,7 +184,7 @@ def _mp3_copy(source: Path, target: Path) -> Path:
 
 def _music_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in MUSIC_EXTENSIONS and p.is_file())
+                  if p.name.lower().endswith(AUDIO_EXTENSIONS) and p.is_file())
 
 
 def _require(tool: str) -> None:

@@ -69,20 +69,21 @@ def dynamics(out: str) -> None:
 
 
 def cli(out: str, argv: list[str]) -> int:
-    import rainforest.train
     from rainforest.cli import main
+    from rainforest.train import train as real_train
+
+    training = sys.modules["rainforest.train"]  # the module; rainforest.train is the function
 
     rank = os.environ.get("HOROVOD_RANK", "0")
     with open(os.path.join(out, f"pid-{rank}"), "w") as handle:
         handle.write(str(os.getpid()))
-    real_train = rainforest.train.train
     results = {}
 
     def train(*args, **kwargs):  # the real train(); its per-rank result is kept
         results.update(real_train(*args, **kwargs))
         return results
 
-    rainforest.train.train = train
+    training.train = train
     status = main(argv)
     with open(os.path.join(out, f"result-{rank}.json"), "w") as handle:
         json.dump({**results, "exit_status": status}, handle, default=str)
