@@ -54,6 +54,8 @@ from numba.extending import intrinsic, overload
 
 from rainforest.errors import ParameterError
 from rainforest.kernels._flags import JIT_OPTIONS
+from rainforest.kernels._splitmix import GOLDEN, _mix
+from rainforest.model_config import receptive_field
 
 # FMA contraction only; no reassociation, which would break _exp32's rounding trick and make
 # results depend on vector width.
@@ -158,14 +160,10 @@ def _tanh32(x):
 
 @njit(inline="always", **_GENERATE_OPTIONS)
 def _splitmix_uniform(states, stream):
-    """The next uniform float64 in [0, 1) of a stream's splitmix64 generator (Steele 2014)."""
-    state = states[stream] + np.uint64(0x9E3779B97F4A7C15)
+    """The next uniform float64 in [0, 1) of a stream's splitmix64 generator: its top 53 bits."""
+    state = states[stream] + GOLDEN
     states[stream] = state
-    z = state
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    return np.float64(_mix(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
 @njit(**_GENERATE_OPTIONS)
@@ -428,7 +426,7 @@ class FusedNetwork:
 
     @property
     def receptive_field(self):
-        return 2 + int(self.dilations.sum())
+        return receptive_field(self)
 
     def _check_shapes(self):
         layers, double_residual, double_gate = self.gate_kernel.shape

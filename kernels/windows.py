@@ -1,28 +1,15 @@
 """Training windows cut from a shard's concatenated codes, never across a song boundary.
 
-Random offsets come from splitmix64 (Steele, Lea and Flood, "Fast splittable pseudorandom
-number generators", OOPSLA 2014; constants as in Vigna's public-domain reference), chosen
-because it is a few integer operations that a numpy reference reproduces exactly.
+Random offsets come from splitmix64 (``rainforest.kernels._splitmix``), which a plain-Python
+reference reproduces exactly.
 """
 
 import numpy as np
 
 from rainforest.errors import ParameterError
 from rainforest.kernels._flags import jit
+from rainforest.kernels._splitmix import GOLDEN, _mix
 from rainforest.kernels._validate import as_1d, positive_int
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-@jit
-def _splitmix64(state):
-    """The splitmix64 output mix of a state the caller has already advanced."""
-    z = state
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
 
 
 @jit
@@ -39,11 +26,10 @@ def _random_window_starts(offsets, lengths, window, count, seed, skip):
     cumulative = np.cumsum(valid)
     total = np.uint64(cumulative[-1])
     starts = np.empty(count, dtype=np.int64)
-    # Each draw advances the state by _GOLDEN, so skipping draws is one multiply (mod 2**64).
-    state = seed + skip * _GOLDEN
+    state = seed + skip * GOLDEN  # skipping draws: one multiply
     for j in range(count):
-        state = state + _GOLDEN
-        draw = np.int64(_splitmix64(state) % total)
+        state = state + GOLDEN
+        draw = np.int64(_mix(state) % total)
         song = np.searchsorted(cumulative, draw, side="right")
         before = cumulative[song - 1] if song > 0 else 0
         starts[j] = offsets[song] + (draw - before)

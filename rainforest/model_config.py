@@ -29,30 +29,17 @@ import json
 import math
 from dataclasses import dataclass
 
-from rainforest.config import Config
+from rainforest.config import Config, documented, setting
 from rainforest.errors import ParameterError
 
 
+@documented
 @dataclass(frozen=True)
 class ModelConfig(Config):
     """A WaveNet's shape. Saved in every checkpoint; generation needs nothing else.
 
-    Parameters
-    ----------
-    dilations
-        The dilation of each residual block, in order. The default, ``2 x (1, 2, ..., 256)``,
-        gives a receptive field of 1024 codes (64 ms at 16 kHz).
-    residual_channels, gate_channels, skip_channels
-        Widths of the residual stream, of the gated unit (filter and gate each), and of the
-        skip sum feeding the output stack.
-    classes
-        Number of code values; 256 for 8-bit mu-law.
-    labels
-        Label names for global conditioning (van den Oord et al. 2016, section 2.5), in
-        id order; empty for an unconditioned model. ``rainforest train --condition`` fills
-        them from the dataset manifest.
-    condition_channels
-        Width of the label embedding (ignored without labels).
+    Chosen with ``--config`` (a preset of :data:`PRESETS` or a JSON file of these fields), so
+    the fields have no flags of their own.
 
     Examples
     --------
@@ -62,13 +49,22 @@ class ModelConfig(Config):
     2048
     """
 
-    dilations: tuple[int, ...] = tuple(2**i for i in range(9)) * 2
-    residual_channels: int = 32
-    gate_channels: int = 32
-    skip_channels: int = 64
-    classes: int = 256
-    labels: tuple[str, ...] = ()
-    condition_channels: int = 16
+    dilations: tuple[int, ...] = setting(
+        tuple(2**i for i in range(9)) * 2,
+        "the dilation of each residual block, in order; the default, 2 x (1, 2, ..., 256), "
+        "gives a receptive field of 1024 codes (64 ms at 16 kHz)", cli=False)
+    residual_channels: int = setting(32, "width of the residual stream", cli=False)
+    gate_channels: int = setting(32, "width of each half (filter, gate) of the gated unit",
+                                 cli=False)
+    skip_channels: int = setting(64, "width of the skip sum feeding the output stack",
+                                 cli=False)
+    classes: int = setting(256, "number of code values; 256 for 8-bit mu-law", cli=False)
+    labels: tuple[str, ...] = setting(
+        (), "label names for global conditioning (van den Oord et al. 2016, section 2.5) in id "
+        "order, empty for an unconditioned model; `rainforest train --condition` fills them "
+        "from the dataset manifest", cli=False)
+    condition_channels: int = setting(16, "width of the label embedding (ignored without "
+                                      "labels)", cli=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
@@ -125,8 +121,12 @@ def load_model_config(spec: str) -> ModelConfig:
 
 
 def receptive_field(config: ModelConfig) -> int:
-    """How many input codes determine one output: 2 (the input convolution) + sum of dilations."""
-    return 2 + sum(config.dilations)
+    """How many input codes determine one output: 2 (the input convolution) + sum of dilations.
+
+    ``config`` is anything with ``dilations``: a :class:`ModelConfig`, or the fused loop's
+    network read from a checkpoint.
+    """
+    return 2 + int(sum(config.dilations))
 
 
 def multiply_adds_per_sample(config: ModelConfig) -> int:
