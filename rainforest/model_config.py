@@ -142,8 +142,10 @@ def weight_layout(config: ModelConfig) -> dict[str, list[tuple[str, tuple[int, .
     """The network's weights as Keras creates them: for the model (key ``""``) and for each
     block (``"block00"``, ...), the ordered ``(name, shape)`` list of its variables.
 
-    Keras' ``model.weights.h5`` stores each layer's variables by creation order only, so this
-    is what lets ``rainforest.generate`` read a checkpoint without TensorFlow.
+    ``rainforest.network`` creates the Keras weights from this list (with
+    :func:`initializer_of`), and Keras' ``model.weights.h5`` stores each layer's variables by
+    creation order only, so this is also what lets ``rainforest.generate`` read a checkpoint
+    without TensorFlow.
     ``tests/test_generate.py`` checks it against the Keras model itself.
     """
     r, g, s, c = (config.residual_channels, config.gate_channels, config.skip_channels,
@@ -164,6 +166,15 @@ def weight_layout(config: ModelConfig) -> dict[str, list[tuple[str, tuple[int, .
         block += [("skip_kernel", (g, s)), ("skip_bias", (s,))]
         layout[block_name(k)] = block
     return layout
+
+
+def initializer_of(name: str) -> str:
+    """The Keras initializer each weight starts from, by its name in :func:`weight_layout`."""
+    if name.endswith("_bias"):
+        return "zeros"
+    if name == "label_embedding":
+        return "random_normal"
+    return "glorot_uniform"
 
 
 def block_name(index: int) -> str:

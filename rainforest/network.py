@@ -1,7 +1,8 @@
 """The Keras 3 WaveNet network (TensorFlow backend), built from a ``ModelConfig``.
 
-The weight layout is described in ``rainforest.model_config``, which is kept apart so that
-reading a checkpoint's config never loads TensorFlow. This module never imports horovod.
+The weights are created from the layout in ``rainforest.model_config`` (kept apart so that
+reading a checkpoint never loads TensorFlow): their names, shapes and initializers are
+written there once. This module never imports horovod.
 """
 
 from __future__ import annotations
@@ -9,7 +10,21 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from rainforest.model_config import ModelConfig, block_name, receptive_field
+from rainforest.model_config import (
+    ModelConfig,
+    block_name,
+    initializer_of,
+    receptive_field,
+    weight_layout,
+)
+
+
+def add_weights(layer: keras.layers.Layer, entries) -> None:
+    """Create ``layer``'s weights from its part of the layout, each as an attribute by name."""
+    for name, shape in entries:
+        setattr(layer, name, layer.add_weight(shape=shape, name=name,
+                                              initializer=initializer_of(name)))
+    layer.built = True
 
 
 class ResidualBlock(keras.layers.Layer):
@@ -20,26 +35,6 @@ class ResidualBlock(keras.layers.Layer):
         self.config = config
         self.dilation = dilation
         self.has_residual = has_residual
-
-    def build_weights(self) -> None:
-        c = self.config
-        r, g, s = c.residual_channels, c.gate_channels, c.skip_channels
-        self.gate_kernel = self.add_weight(shape=(2, r, 2 * g), name="gate_kernel",
-                                           initializer="glorot_uniform")
-        self.gate_bias = self.add_weight(shape=(2 * g,), name="gate_bias", initializer="zeros")
-        if c.conditioned:
-            self.condition_kernel = self.add_weight(
-                shape=(c.condition_channels, 2 * g), name="condition_kernel",
-                initializer="glorot_uniform")
-        if self.has_residual:
-            self.residual_kernel = self.add_weight(shape=(g, r), name="residual_kernel",
-                                                   initializer="glorot_uniform")
-            self.residual_bias = self.add_weight(shape=(r,), name="residual_bias",
-                                                 initializer="zeros")
-        self.skip_kernel = self.add_weight(shape=(g, s), name="skip_kernel",
-                                           initializer="glorot_uniform")
-        self.skip_bias = self.add_weight(shape=(s,), name="skip_bias", initializer="zeros")
-        self.built = True
 
     def call(self, hidden, condition, target_length):
         d, g = self.dilation, self.config.gate_channels
@@ -77,28 +72,10 @@ class WaveNet(keras.Model):
         ]
 
     def build_weights(self) -> None:
-        c = self.config
-        r, s = c.residual_channels, c.skip_channels
-        # A kernel-2 causal conv over one-hot codes, as two lookup tables.
-        self.input_previous = self.add_weight(shape=(c.classes, r), name="input_previous",
-                                              initializer="glorot_uniform")
-        self.input_current = self.add_weight(shape=(c.classes, r), name="input_current",
-                                             initializer="glorot_uniform")
-        self.input_bias = self.add_weight(shape=(r,), name="input_bias", initializer="zeros")
-        if c.conditioned:
-            self.label_embedding = self.add_weight(
-                shape=(len(c.labels), c.condition_channels), name="label_embedding",
-                initializer="random_normal")
+        layout = weight_layout(self.config)
+        add_weights(self, layout[""])
         for block in self.blocks:
-            block.build_weights()
-        self.output1_kernel = self.add_weight(shape=(s, s), name="output1_kernel",
-                                              initializer="glorot_uniform")
-        self.output1_bias = self.add_weight(shape=(s,), name="output1_bias", initializer="zeros")
-        self.output2_kernel = self.add_weight(shape=(s, c.classes), name="output2_kernel",
-                                              initializer="glorot_uniform")
-        self.output2_bias = self.add_weight(shape=(c.classes,), name="output2_bias",
-                                            initializer="zeros")
-        self.built = True
+            add_weights(block, layout[block.name])
 
     def call(self, codes, labels=None):
         codes = ops.cast(codes, "int32")
