@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
-import os
 
 import numpy as np
 from horovod.common.elastic import State
 
 from rainforest.errors import RainforestError
-from rainforest.runlog import METRICS_NAME, RankZeroLog
+from rainforest.runlog import RankZeroLog, read_metrics
 
 #: How many steps' scalars every rank keeps for a new rank 0 to log: more than any rollback.
 RECENT_STEPS = 1000
@@ -93,18 +91,8 @@ class SkipLoggedSteps(RankZeroLog):
 
 
 def last_logged_step(run: str) -> int:
-    """The highest step in ``RUN/metrics.jsonl`` (0 if none); a torn last line is ignored."""
-    path = os.path.join(run, METRICS_NAME)
-    if not os.path.exists(path):
-        return 0
-    highest = 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                highest = max(highest, int(json.loads(line)["step"]))
-            except (ValueError, KeyError):  # a rank killed while appending leaves half a line
-                continue
-    return highest
+    """The highest step in ``RUN/metrics.jsonl`` (0 if none); a torn line is ignored."""
+    return max((int(row["step"]) for row in read_metrics(run)), default=0)
 
 
 def weights_digest(weights) -> str:

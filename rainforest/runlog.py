@@ -120,12 +120,22 @@ class RankZeroLog:
 
 
 def read_metrics(run: str) -> list[dict[str, float]]:
-    """The rows of ``RUN/metrics.jsonl`` (empty if the run has none yet)."""
-    path = os.path.join(run, METRICS_NAME)
-    if not os.path.exists(path):
+    """The rows of ``RUN/metrics.jsonl``, a local or ``s3://`` run (empty if it has none yet).
+
+    A line that is not a whole record is skipped: a rank killed while appending leaves one.
+    """
+    url = storage.join(run, METRICS_NAME)
+    if not storage.exists(url):
         return []
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    rows = []
+    for line in storage.read_bytes(url).decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 def plot_curves(run: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import RAINFOREST, TINY_TRAINING, moto_requests, run_cli
-from rainforest import checkpoint, storage
+from rainforest import checkpoint, runlog, storage
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -90,8 +90,7 @@ def test_train_kill_resume_and_generate_from_s3(periodic_dataset, bucket, tmp_pa
     assert [f.rsplit("/", 1)[1] for f in _assert_every_named_checkpoint_is_whole(bucket, run)] \
         == [f"step-{killed_at + 2:09d}", f"step-{killed_at + 4:09d}"]  # --keep 2
     # The logs: the resumed run appended to what the killed one had uploaded.
-    rows = [json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").splitlines()]
-    steps = [row["step"] for row in rows]
+    steps = [row["step"] for row in runlog.read_metrics(run)]
     assert steps == sorted(set(steps)) and steps[0] == 1
     assert steps[-4:] == list(range(killed_at + 1, killed_at + 5))
     assert len([k for k in keys if k.startswith("run/tensorboard/events.out.tfevents.")]) == 2
@@ -104,6 +103,13 @@ def test_train_kill_resume_and_generate_from_s3(periodic_dataset, bucket, tmp_pa
     assert summary["checkpoint"] == f"{run}/checkpoints/step-{killed_at + 4:09d}"
     assert (out / "stream-000.wav").read_bytes()[:4] == b"RIFF"
     assert not [key for key in _keys(bucket) if storage.TEMP_MARKER in key]
+
+    # The report of an s3:// run draws its curves from the metrics on S3.
+    run_cli("report", run, "--out", tmp_path / "report", "--generated", out)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert '<img class="plot" src="bits.png"' in page
+    assert f"<tr><th>last step logged</th><td>{killed_at + 4}</td></tr>" in page
+    assert (tmp_path / "report" / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_run_prefix_without_checkpoints_is_a_clear_error(bucket, tmp_path):
@@ -176,6 +182,6 @@ def test_two_gloo_ranks_train_and_resume_from_s3(periodic_dataset, bucket):
     assert f"resuming {run}/checkpoints/step-000000006 at step 6" in resumed
     config = checkpoint.read_config(checkpoint.latest(run))
     assert config["step"] == 10 and config["data"]["ranks"] == 2
-    rows = [json.loads(line) for line in storage.read_bytes(f"{run}/metrics.jsonl").splitlines()]
+    rows = runlog.read_metrics(run)
     assert [row["step"] for row in rows] == list(range(1, 11))  # one writer, no repeats
     assert not [key for key in _keys(bucket) if storage.TEMP_MARKER in key]
