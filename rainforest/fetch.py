@@ -54,18 +54,21 @@ from typing import Any
 from rainforest import __version__, storage
 from rainforest.audio import sniff_reason
 from rainforest.config import Config, documented, setting
+from rainforest.dataset import MANIFEST_NAME as DATASET_MANIFEST_NAME
+from rainforest.dataset import PLAN_NAME
+from rainforest.documents import read_document
 from rainforest.errors import DatasetFormatError, ParameterError, RainforestError
 
 FETCH_FORMAT = "rainforest-fetch"
 VERSION = 1
-MANIFEST_NAME = "fetch.json"
+FETCH_NAME = "fetch.json"
 SCHEMES = ("http", "https", "s3")
 USER_AGENT = (f"rainforest/{__version__} (WaveNet song-dataset fetcher; polite: rate-limited, "
               "honours Retry-After)")
 
 _CHUNK = 1 << 16
 _MAX_NAME = 120  # bytes: well under every filesystem's 255, with room for a hash suffix
-_RESERVED_NAMES = {MANIFEST_NAME, "manifest.json", "plan.json"}
+_RESERVED_NAMES = {FETCH_NAME, DATASET_MANIFEST_NAME, PLAN_NAME}
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # Every fetch.json entry has every field; a failure leaves what it never learned as null.
 _EMPTY_ENTRY = {"bytes": None, "sha256": None, "etag": None, "final_url": None,
@@ -583,20 +586,12 @@ def fetch_one(source: Source, target: str, job: _Job) -> dict[str, Any]:
 
 def read_fetch_manifest(out: str) -> dict[str, Any] | None:
     """The ``fetch.json`` in ``out``, checked, or None when there is none."""
-    url = storage.join(out, MANIFEST_NAME)
+    url = storage.join(out, FETCH_NAME)
     if not storage.exists(url):
         return None
-    try:
-        data = storage.read_json(url)
-    except ValueError as error:
-        raise DatasetFormatError(f"{url} is not valid JSON ({error}); move it away to start "
-                                 "a fresh fetch") from None
-    if not isinstance(data, dict) or data.get("format") != FETCH_FORMAT:
-        raise DatasetFormatError(f"{url} is not a rainforest fetch record; use another --out")
-    if data.get("version") != VERSION:
-        raise DatasetFormatError(f"{url} has fetch format version {data.get('version')!r}; "
-                                 f"this rainforest reads version {VERSION}")
-    return data
+    return read_document(url, kind=FETCH_FORMAT, version=VERSION, error=DatasetFormatError,
+                         advice="move it away to start a fresh fetch, or use another --out",
+                         missing=f"no {FETCH_NAME} at {out}")
 
 
 def _already_fetched(entry: dict[str, Any] | None, target: str, source: Source) -> bool:
@@ -618,7 +613,7 @@ def _already_fetched(entry: dict[str, Any] | None, target: str, source: Source) 
 
 
 def _write_manifest(out: str, entries: dict[str, dict[str, Any]], config: FetchConfig) -> None:
-    storage.write_json_atomic(storage.join(out, MANIFEST_NAME), {
+    storage.write_json_atomic(storage.join(out, FETCH_NAME), {
         "format": FETCH_FORMAT, "version": VERSION, "user_agent": USER_AGENT,
         "settings": asdict(config),
         "entries": [entries[url] for url in sorted(entries)],
@@ -699,7 +694,7 @@ def fetch(sources: Sequence[Source], out: str, *, config: FetchConfig | None = N
         "failed": len(failures), "failures": failures,
         "bytes": sum(e["bytes"] for e in fetched),
         "elapsed_seconds": time.monotonic() - started,
-        "manifest": storage.join(out, MANIFEST_NAME),
+        "manifest": storage.join(out, FETCH_NAME),
     }
 
 
@@ -763,11 +758,11 @@ def labels_by_file(out: str, column: str | None = None) -> dict[str, str]:
     columns = sorted({c for e in data["entries"] for c in e.get("labels", {})})
     if column is None:
         if len(columns) > 1:
-            raise ParameterError(f"{out}/{MANIFEST_NAME} records labels {columns}; choose one "
+            raise ParameterError(f"{out}/{FETCH_NAME} records labels {columns}; choose one "
                                  "with --labels fetch:COLUMN")
         column = columns[0] if columns else None
     elif column not in columns:
-        raise ParameterError(f"{out}/{MANIFEST_NAME} has no label column {column!r}; it has "
+        raise ParameterError(f"{out}/{FETCH_NAME} has no label column {column!r}; it has "
                              f"{columns or 'none'}")
     return {e["name"]: e["labels"][column] for e in data["entries"]
             if e.get("status") == "ok" and column in e.get("labels", {})}
