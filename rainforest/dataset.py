@@ -1,4 +1,4 @@
-"""The dataset format: ``manifest.json`` plus ``shards/part-NNNNN.npy``, and its reader.
+"""The dataset format: ``manifest.json`` plus ``shards/part-NNNNN.npy``: names, writer, reader.
 
 Layout of a dataset folder (local or ``s3://``)::
 
@@ -13,7 +13,6 @@ know. Shards are plain ``.npy`` and are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +23,6 @@ from rainforest import storage
 from rainforest.config import AudioConfig
 from rainforest.documents import check_format, read_document
 from rainforest.errors import DatasetFormatError, ParameterError
-from rainforest.kernels import cut_windows, random_window_starts, strided_window_starts
 
 MANIFEST_FORMAT = "rainforest-dataset"
 SHARD_FORMAT = "rainforest-shard"
@@ -38,6 +36,11 @@ SHARD_DIR = "shards"
 
 def shard_name(number: int) -> str:
     return f"part-{number:05d}"
+
+
+def shard_number(name: str) -> int:
+    """The number in a shard's name: ``shard_number(shard_name(n)) == n``."""
+    return int(name.split("-")[1])
 
 
 _ADVICE = "upgrade rainforest or re-run `rainforest preprocess` into a new folder"
@@ -219,178 +222,113 @@ def summary(url: str) -> dict[str, Any]:
     }
 
 
-# --- Training input: song splits, per-rank shares and deterministic windows -----------------
+# --- The writer: shards, their records and the manifest --------------------------------------
 
-def split_songs(songs: list[Song], *, validation_fraction: float) -> tuple[list[Song], list[Song]]:
-    """Split songs into (training, validation) by a hash of the song id.
-
-    The split depends only on the ids (content hashes) and the fraction, so it is the same on
-    every run, every rank and every machine, and adding songs never moves an old song from
-    training into validation unless its rank in the hash order changes the cut.
-
-    Examples
-    --------
-    >>> songs = [Song(str(i), "", "part-00000", 0, 10, None) for i in range(10)]
-    >>> train, held_out = split_songs(songs, validation_fraction=0.2)
-    >>> len(train), len(held_out)
-    (8, 2)
-    """
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ParameterError(f"validation fraction must be in [0, 1), got {validation_fraction}")
-    if validation_fraction == 0.0:
-        return list(songs), []
-    if len(songs) < 2:
-        raise ParameterError(
-            f"the dataset has {len(songs)} song(s); a held-out split by song needs at least 2. "
-            "Add songs, or pass --val-fraction 0 to train without validation"
-        )
-    order = sorted(songs, key=lambda s: hashlib.sha256(s.id.encode()).hexdigest())
-    held = min(len(songs) - 1, max(1, round(validation_fraction * len(songs))))
-    held_ids = {s.id for s in order[:held]}
-    return ([s for s in songs if s.id not in held_ids], [s for s in songs if s.id in held_ids])
+_NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place once the length is known
 
 
-def rank_share(songs: list[Song], *, rank: int, size: int) -> list[Song]:
-    """The songs rank ``rank`` of ``size`` trains on: disjoint shares balanced by length.
+class ShardWriter:
+    """Builds one ``.npy`` shard under a temporary name; only ``commit`` gives it its name."""
 
-    Longest songs first, each to the rank with the fewest samples so far (ties: lowest rank).
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._staged = storage.Staged(url)
+        self.staging = self._staged.path
+        self.samples = 0
+        self._file = open(self.staging, "w+b")
+        self._file.write(_npy_header(0))
 
-    Examples
-    --------
-    >>> songs = [Song(str(i), "", "p", 0, n, None) for i, n in enumerate([5, 9, 4, 3])]
-    >>> [s.length for s in rank_share(songs, rank=0, size=2)], \\
-    ...     [s.length for s in rank_share(songs, rank=1, size=2)]
-    ([9, 3], [5, 4])
-    """
-    if not 0 <= rank < size:
-        raise ParameterError(f"rank must be in 0..{size - 1}, got {rank}")
-    if len(songs) < size:
-        raise ParameterError(
-            f"{len(songs)} training song(s) cannot give each of {size} ranks its own share; "
-            "use fewer ranks or more songs"
-        )
-    totals = [0] * size
-    mine: list[Song] = []
-    for song in sorted(songs, key=lambda s: (-s.length, s.id)):
-        target = min(range(size), key=lambda r: (totals[r], r))
-        totals[target] += song.length
-        if target == rank:
-            mine.append(song)
-    return sorted(mine, key=lambda s: (s.shard, s.offset))
+    def append(self, codes: np.ndarray) -> None:
+        self._file.write(codes.tobytes())
+        self.samples += codes.shape[0]
 
+    def rollback(self, samples: int) -> None:
+        """Drop everything appended after the first ``samples`` codes (a song that failed)."""
+        self._file.truncate(_NPY_HEADER_BYTES + samples)
+        self._file.seek(0, os.SEEK_END)
+        self.samples = samples
 
-def _derive_seed(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+    def commit(self) -> tuple[int, str]:
+        """Finish the header, flush to disk and publish; returns (bytes, sha256)."""
+        self._file.seek(0)
+        self._file.write(_npy_header(self.samples))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        size, digest = os.path.getsize(self.staging), storage.sha256_of(self.staging)
+        self._staged.commit()
+        return size, digest
 
-
-class WindowSampler:
-    """Random training windows from one rank's songs, a pure function of the step number.
-
-    Step ``s`` lies in epoch ``s // steps_per_epoch``; an epoch is one random stream seeded by
-    ``(seed, rank, epoch)``, of which step ``s`` takes the next ``batch_size`` draws. The data
-    position is therefore just the step, and a resumed run sees exactly the windows an
-    uninterrupted one would. An epoch has as many target samples as the rank's songs have codes.
-
-    Parameters
-    ----------
-    dataset : Dataset
-    songs : list of Song
-        This rank's share (see :func:`rank_share`).
-    window : int
-        Codes per window: receptive field + target length.
-    target_length : int
-    batch_size : int
-        Windows per step on this rank.
-    seed, rank : int
-    label_ids : dict, optional
-        Label name -> id for conditioned models.
-    """
-
-    def __init__(self, dataset: Dataset, songs: list[Song], *, window: int, target_length: int,
-                 batch_size: int, seed: int, rank: int,
-                 label_ids: dict[str, int] | None = None) -> None:
-        self.dataset = dataset
-        self.songs = [s for s in songs if s.length >= window]
-        if not self.songs:
-            longest = max((s.length for s in songs), default=0)
-            raise ParameterError(
-                f"a training window of {window} codes (receptive field + target length) is "
-                f"longer than every song of rank {rank} (longest: {longest} codes, "
-                f"{longest / dataset.audio.sample_rate:.2f} s); use a shorter --target-length "
-                "or a model with a smaller receptive field"
-            )
-        self.window, self.batch_size, self.seed, self.rank = window, batch_size, seed, rank
-        self.lengths = np.array([s.length for s in self.songs], dtype=np.int64)
-        self.virtual_offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
-        total = int(self.lengths.sum())
-        self.steps_per_epoch = max(1, total // (batch_size * target_length))
-        self.label_ids = label_ids
-        self.labels = np.array(
-            [label_ids[s.label] if label_ids else 0 for s in self.songs], dtype=np.int32)
-
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``(batch_size, window)`` uint8 windows and int32 song labels of ``step``."""
-        epoch, within = divmod(int(step), self.steps_per_epoch)
-        starts = random_window_starts(
-            self.virtual_offsets, self.lengths, window=self.window, count=self.batch_size,
-            seed=_derive_seed(self.seed, self.rank, epoch), skip=within * self.batch_size)
-        which = np.searchsorted(self.virtual_offsets, starts, side="right") - 1
-        return self._cut(which, starts - self.virtual_offsets[which]), self.labels[which]
-
-    def _cut(self, which: np.ndarray, local_starts: np.ndarray) -> np.ndarray:
-        out = np.empty((which.shape[0], self.window), dtype=np.uint8)
-        shards = np.array([self.songs[i].shard for i in which])
-        for shard in np.unique(shards):
-            rows = np.flatnonzero(shards == shard)
-            shard_starts = np.array(
-                [self.songs[which[j]].offset + local_starts[j] for j in rows], dtype=np.int64)
-            out[rows] = cut_windows(self.dataset.shard_codes(str(shard)), shard_starts,
-                                    window=self.window)
-        return out
-
-    def tf_dataset(self, first_step: int, last_step: int, *, prefetch: int = 2):
-        """A ``tf.data.Dataset`` of the batches of steps ``first_step .. last_step - 1``."""
-        import tensorflow as tf
-
-        def load(step):
-            windows, labels = tf.numpy_function(self.batch, [step], [tf.uint8, tf.int32],
-                                                stateful=False)
-            windows.set_shape((self.batch_size, self.window))
-            labels.set_shape((self.batch_size,))
-            return windows, labels
-
-        steps = tf.data.Dataset.range(first_step, last_step)
-        return steps.map(load, num_parallel_calls=1, deterministic=True).prefetch(prefetch)
+    def abort(self) -> None:
+        self._file.close()
+        self._staged.abort()
 
 
-def validation_windows(dataset: Dataset, songs: list[Song], *, window: int, count: int,
-                       rank: int, size: int,
-                       label_ids: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's part of a fixed set of held-out windows (the same on every run).
+def _npy_header(length: int) -> bytes:
+    """A .npy v1.0 header for a 1-D uint8 array, padded to a fixed size."""
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({length},), }}"
+    text = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
-    Non-overlapping windows through every held-out song, thinned evenly to at most ``count``,
-    then dealt round-robin to the ranks.
-    """
-    usable = [s for s in songs if s.length >= window]
-    if not usable:
-        longest = max((s.length for s in songs), default=0)
-        raise ParameterError(
-            f"a window of {window} codes is longer than every held-out song (longest: "
-            f"{longest}); use a shorter --target-length or pass --val-fraction 0"
-        )
-    pairs = []
-    for index, song in enumerate(usable):
-        for start in strided_window_starts([song.offset], [song.length], window=window,
-                                           stride=window):
-            pairs.append((index, int(start)))
-    chosen = np.linspace(0, len(pairs) - 1, num=min(count, len(pairs))).round().astype(int)
-    mine = [pairs[i] for i in np.unique(chosen)][rank::size]
-    windows = np.empty((len(mine), window), dtype=np.uint8)
-    labels = np.zeros(len(mine), dtype=np.int32)
-    for row, (index, start) in enumerate(mine):
-        song = usable[index]
-        windows[row] = dataset.shard_codes(song.shard)[start : start + window]
-        if label_ids:
-            labels[row] = label_ids[song.label]
-    return windows, labels
+
+def shard_record(name: str, writer: ShardWriter, *, size: int, sha256: str | None,
+                 songs: list[dict[str, Any]], failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``part-NNNNN.json`` record of a shard (``songs`` empty: no ``.npy`` was kept)."""
+    return {
+        "format": SHARD_FORMAT, "version": VERSION, "name": name,
+        "path": f"{SHARD_DIR}/{name}.npy" if songs else None,
+        "samples": writer.samples, "bytes": size, "sha256": sha256, "songs": songs,
+        "failed": failed,
+    }
+
+
+def read_shard_records(out: str) -> dict[str, dict[str, Any]]:
+    """The records of the shards already written, by shard name."""
+    shard_dir = storage.join(out, SHARD_DIR)
+    records = {}
+    for name in storage.list_names(shard_dir):
+        if name.startswith("part-") and name.endswith(".json"):
+            url = storage.join(shard_dir, name)
+            record = storage.read_json(url)
+            check_header(record, SHARD_FORMAT, url)
+            records[record["name"]] = record
+    return records
+
+
+def build_manifest(config: AudioConfig, records: dict[str, dict[str, Any]],
+                   unreadable: list[dict[str, Any]], duplicates: list[dict[str, str]]) -> dict:
+    ordered = [records[name] for name in sorted(records)]
+    songs = [song for record in ordered for song in record["songs"]]
+    failed = sorted([f for record in ordered for f in record["failed"]] + unreadable,
+                    key=lambda f: f["source"])
+    samples = sum(record["samples"] for record in ordered)
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": VERSION,
+        "audio": config.to_dict(),
+        "samples": samples,
+        "seconds": round(samples / config.sample_rate, 6),
+        "shards": [{"name": r["name"], "path": r["path"], "samples": r["samples"],
+                    "bytes": r["bytes"], "sha256": r["sha256"], "songs": len(r["songs"])}
+                   for r in ordered if r["songs"]],
+        "songs": songs,
+        "labels": sorted({s["label"] for s in songs if s["label"] is not None}),
+        "failed": failed,
+        "duplicates": sorted(duplicates, key=lambda d: d["source"]),
+    }
+
+
+def write_plan(out: str, config: AudioConfig, shards: list[dict[str, Any]], *,
+               songs_per_shard: int) -> None:
+    """Save ``plan.json``: which songs go to which shard, before any shard is built."""
+    storage.write_json_atomic(storage.join(out, PLAN_NAME), {
+        "format": PLAN_FORMAT, "version": VERSION, "audio": config.to_dict(),
+        "songs_per_shard": songs_per_shard, "shards": shards,
+    })
+
+
+def read_plan(out: str) -> dict[str, Any]:
+    """The checked ``plan.json`` of a dataset being written."""
+    url = storage.join(out, PLAN_NAME)
+    return check_header(storage.read_json(url), PLAN_FORMAT, url)
+

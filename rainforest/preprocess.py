@@ -25,21 +25,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from rainforest import storage
 from rainforest.audio import encode_song
 from rainforest.config import AudioConfig
 from rainforest.dataset import (
-    MANIFEST_FORMAT,
     MANIFEST_NAME,
-    PLAN_FORMAT,
     PLAN_NAME,
     SHARD_DIR,
-    SHARD_FORMAT,
-    VERSION,
-    check_header,
+    ShardWriter,
+    build_manifest,
+    read_plan,
+    read_shard_records,
     shard_name,
+    shard_number,
+    shard_record,
+    write_plan,
 )
 from rainforest.errors import AudioDecodeError, ParameterError, StorageError
 from rainforest.labels import NO_LABELS
@@ -48,8 +48,6 @@ from rainforest.labels import resolve as resolve_labels
 #: Songs per shard unless told otherwise: small enough to spread a few dozen songs over a
 #: cluster, large enough that thousands of songs do not make thousands of files.
 SONGS_PER_SHARD = 8
-
-_NPY_HEADER_BYTES = 128  # fixed, so the header can be rewritten in place once the length is known
 
 
 # ----------------------------------------------------------------------------- identify
@@ -132,8 +130,8 @@ def make_plan(
             shards.append({"name": shard["name"], "songs": songs})
             planned.update(_identity(s) for s in songs)
 
-    used = {int(s["name"].split("-")[1]) for s in shards}
-    used.update(int(name.split("-")[1]) for name in completed_shards)
+    used = {shard_number(s["name"]) for s in shards}
+    used.update(shard_number(name) for name in completed_shards)
     next_number = max(used, default=-1) + 1
     new = [song for key, song in current.items() if key not in planned and key not in done]
     for first in range(0, len(new), songs_per_shard):
@@ -144,50 +142,6 @@ def make_plan(
 
 
 # ----------------------------------------------------------------------------- process
-
-
-class ShardWriter:
-    """Builds one ``.npy`` shard under a temporary name; only ``commit`` gives it its name."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._staged = storage.Staged(url)
-        self.staging = self._staged.path
-        self.samples = 0
-        self._file = open(self.staging, "w+b")
-        self._file.write(_npy_header(0))
-
-    def append(self, codes: np.ndarray) -> None:
-        self._file.write(codes.tobytes())
-        self.samples += codes.shape[0]
-
-    def rollback(self, samples: int) -> None:
-        """Drop everything appended after the first ``samples`` codes (a song that failed)."""
-        self._file.truncate(_NPY_HEADER_BYTES + samples)
-        self._file.seek(0, os.SEEK_END)
-        self.samples = samples
-
-    def commit(self) -> tuple[int, str]:
-        """Finish the header, flush to disk and publish; returns (bytes, sha256)."""
-        self._file.seek(0)
-        self._file.write(_npy_header(self.samples))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        size, digest = os.path.getsize(self.staging), storage.sha256_of(self.staging)
-        self._staged.commit()
-        return size, digest
-
-    def abort(self) -> None:
-        self._file.close()
-        self._staged.abort()
-
-
-def _npy_header(length: int) -> bytes:
-    """A .npy v1.0 header for a 1-D uint8 array, padded to a fixed size."""
-    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({length},), }}"
-    text = text.ljust(_NPY_HEADER_BYTES - 10 - 1) + "\n"
-    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
 
 def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> dict[str, Any]:
@@ -211,12 +165,8 @@ def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> di
         except BaseException:
             writer.abort()
             raise
-        record = {
-            "format": SHARD_FORMAT, "version": VERSION, "name": shard["name"],
-            "path": f"{SHARD_DIR}/{shard['name']}.npy" if songs else None,
-            "samples": writer.samples, "bytes": size, "sha256": digest, "songs": songs,
-            "failed": failed,
-        }
+        record = shard_record(shard["name"], writer, size=size, sha256=digest, songs=songs,
+                              failed=failed)
         storage.write_json_atomic(storage.join(shard_dir, shard["name"] + ".json"), record)
     return record
 
@@ -254,26 +204,13 @@ def _encode_songs(shard: dict[str, Any], writer: ShardWriter, config: AudioConfi
 # ----------------------------------------------------------------------------- run
 
 
-def _completed_records(out: str) -> dict[str, dict[str, Any]]:
-    shard_dir = storage.join(out, SHARD_DIR)
-    records = {}
-    for name in storage.list_names(shard_dir):
-        if name.startswith("part-") and name.endswith(".json"):
-            url = storage.join(shard_dir, name)
-            record = storage.read_json(url)
-            check_header(record, SHARD_FORMAT, url)
-            records[record["name"]] = record
-    return records
-
-
 def _load_plan(out: str, config: AudioConfig) -> dict[str, Any] | None:
     url = storage.join(out, PLAN_NAME)
     if not storage.exists(url):
-        if storage.exists(storage.join(out, MANIFEST_NAME)) or _completed_records(out):
+        if storage.exists(storage.join(out, MANIFEST_NAME)) or read_shard_records(out):
             raise ParameterError(f"{out} holds a dataset without {PLAN_NAME}; use a new --out")
         return None
-    plan = storage.read_json(url)
-    check_header(plan, PLAN_FORMAT, url)
+    plan = read_plan(out)
     if plan["audio"] != config.to_dict():
         changed = {k: (plan["audio"].get(k), v) for k, v in config.to_dict().items()
                    if plan["audio"].get(k) != v}
@@ -282,29 +219,6 @@ def _load_plan(out: str, config: AudioConfig) -> dict[str, Any] | None:
             "same settings to resume, or choose a new --out"
         )
     return plan
-
-
-def build_manifest(config: AudioConfig, records: dict[str, dict[str, Any]],
-                   unreadable: list[dict[str, Any]], duplicates: list[dict[str, str]]) -> dict:
-    ordered = [records[name] for name in sorted(records)]
-    songs = [song for record in ordered for song in record["songs"]]
-    failed = sorted([f for record in ordered for f in record["failed"]] + unreadable,
-                    key=lambda f: f["source"])
-    samples = sum(record["samples"] for record in ordered)
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": VERSION,
-        "audio": config.to_dict(),
-        "samples": samples,
-        "seconds": round(samples / config.sample_rate, 6),
-        "shards": [{"name": r["name"], "path": r["path"], "samples": r["samples"],
-                    "bytes": r["bytes"], "sha256": r["sha256"], "songs": len(r["songs"])}
-                   for r in ordered if r["songs"]],
-        "songs": songs,
-        "labels": sorted({s["label"] for s in songs if s["label"] is not None}),
-        "failed": failed,
-        "duplicates": sorted(duplicates, key=lambda d: d["source"]),
-    }
 
 
 def _run_bag(client, function: Callable, items: list, *, description: str, unit: str,
@@ -444,7 +358,7 @@ def _plan_run(client, listed, out: str, config: AudioConfig, old_plan, *, songs_
     identified = [entry for group in _run_bag(client, identify_group, groups,
                                               description="identify", unit="group",
                                               progress=progress) for entry in group]
-    records = _completed_records(out)
+    records = read_shard_records(out)
     done = {(s["source_sha256"], int(s["source_size"]))
             for record in records.values() for s in record["songs"] + record["failed"]}
     shards, duplicates = make_plan(
@@ -452,10 +366,7 @@ def _plan_run(client, listed, out: str, config: AudioConfig, old_plan, *, songs_
         songs_per_shard=songs_per_shard, label_mode=labels,
     )
     with storage.reported(f"writing the plan of {out}"):
-        storage.write_json_atomic(storage.join(out, PLAN_NAME), {
-            "format": PLAN_FORMAT, "version": VERSION, "audio": config.to_dict(),
-            "songs_per_shard": songs_per_shard, "shards": shards,
-        })
+        write_plan(out, config, shards, songs_per_shard=songs_per_shard)
     pending = [shard for shard in shards if shard["name"] not in records]
     skipped = len({_identity(e) for e in identified if "sha256" in e} & done)
     return _RunPlan(identified, records, duplicates, pending, skipped)

@@ -29,16 +29,11 @@ import numpy as np
 
 from rainforest import checkpoint, storage
 from rainforest.config import Config, documented, setting
-from rainforest.dataset import (
-    Dataset,
-    WindowSampler,
-    rank_share,
-    split_songs,
-    validation_windows,
-)
+from rainforest.dataset import Dataset
 from rainforest.errors import CheckpointError, ParameterError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
 from rainforest.runlog import RankZeroLog
+from rainforest.sampling import WindowSampler, rank_share, split_songs, validation_windows
 from rainforest.watchdog import arm_watchdog
 
 COMPILE_MODES = ("eager", "graph", "xla")
@@ -302,7 +297,7 @@ class TrainingState:
     """Everything a resume needs, in one object: the configs, the step and where it came from.
 
     ``step`` is the next optimizer step and also the data position: the windows of a step are
-    a pure function of it (see :class:`~rainforest.dataset.WindowSampler`). ``data`` names the
+    a pure function of it (see :class:`~rainforest.sampling.WindowSampler`). ``data`` names the
     data the run reads (dataset, manifest sha256, seed, ranks, steps per epoch). The weights
     and optimizer slots live in the :class:`Trainer`; this object is what a checkpoint's
     ``config.json`` records beside them.

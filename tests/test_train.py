@@ -16,18 +16,17 @@ import pytest
 from conftest import RAINFOREST, TINY_TRAINING, checkpoint_weights, run_cli
 from rainforest import checkpoint, storage
 from rainforest.config import AudioConfig
-from rainforest.dataset import (
-    Dataset,
-    Song,
+from rainforest.dataset import Dataset, Song
+from rainforest.errors import CheckpointError, ParameterError
+from rainforest.kernels import random_window_starts
+from rainforest.model_config import PRESETS
+from rainforest.sampling import (
     WindowSampler,
     _derive_seed,
     rank_share,
     split_songs,
     validation_windows,
 )
-from rainforest.errors import CheckpointError, ParameterError
-from rainforest.kernels import random_window_starts
-from rainforest.model_config import PRESETS
 from rainforest.train import TrainingState
 
 # --- the input pipeline --------------------------------------------------------------------

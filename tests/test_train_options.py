@@ -97,9 +97,10 @@ def test_compile_xla_really_compiles_with_xla(runs):
 def _float64_loss_bits(run, step, dataset) -> float:
     """Step ``step + 1``'s training loss recomputed in float64 by the queue-based reference:
     checkpoint ``step``'s weights on the batch of that step, drawn again by the sampler."""
-    from rainforest.dataset import Dataset, WindowSampler, rank_share, split_songs
+    from rainforest.dataset import Dataset
     from rainforest.generate import read_weights
     from rainforest.model_config import PRESETS, receptive_field
+    from rainforest.sampling import WindowSampler, rank_share, split_songs
 
     config = PRESETS["tiny"]
     folder = checkpoint.list_checkpoints(str(run))[step - 1]
@@ -173,8 +174,9 @@ def test_clip_norm_clips_the_update_and_logs_the_norm_before_clipping(runs):
 
 
 def test_val_windows_sets_the_number_of_held_out_windows(runs, periodic_dataset):
-    from rainforest.dataset import Dataset, split_songs, validation_windows
+    from rainforest.dataset import Dataset
     from rainforest.model_config import PRESETS, receptive_field
+    from rainforest.sampling import split_songs, validation_windows
 
     data = Dataset(str(periodic_dataset))
     _, held_out = split_songs(data.songs, validation_fraction=0.34)
