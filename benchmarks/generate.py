@@ -33,14 +33,9 @@ import numpy as np
 from machine import describe, matmul_peak
 from numba import njit
 
-from rainforest.generate import (
-    fuse,
-    generate_threaded,
-    prime_state,
-    stream_gate_bias,
-    stream_seeds,
-)
+from rainforest.generate import generate_threaded
 from rainforest.kernels.fused_loop import PRECISIONS, generate_codes
+from rainforest.kernels.priming import fuse, prime_state, stream_gate_bias, stream_seeds
 from rainforest.model_config import PRESETS, multiply_adds_per_sample, weight_layout
 
 

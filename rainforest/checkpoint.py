@@ -1,4 +1,4 @@
-"""The checkpoint format of a training run, and its reader and writer.
+"""The checkpoint format of a training run: its names, ``config.json``, writer and readers.
 
 Layout of a run folder (local)::
 
@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from rainforest import storage
+from rainforest.config import AudioConfig, Config
 from rainforest.documents import read_document
-from rainforest.errors import CheckpointError
+from rainforest.errors import CheckpointError, ParameterError
+from rainforest.model_config import ModelConfig, weight_layout
 
 FORMAT = "rainforest-checkpoint"
 VERSION = 1
@@ -180,3 +182,73 @@ def load_arrays(path: str) -> list[tuple[str, np.ndarray]]:
             return out
     except OSError as error:
         raise CheckpointError(f"{path} is not a readable HDF5 file ({error})") from None
+
+
+def _keras_variable_groups(handle) -> dict[str, Any]:
+    """Map ``""`` (the model) and ``"block00"``... to the h5 groups of their variables."""
+    groups: dict[str, Any] = {}
+
+    def visit(path, obj):
+        if path.endswith("vars") and hasattr(obj, "keys"):
+            key = "" if path == "vars" else str(obj.attrs.get("name", path))
+            groups[key] = obj
+
+    handle.visititems(visit)
+    return groups
+
+
+def read_weights(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Every weight of ``config``'s network from a Keras ``model.weights.h5``, as float32.
+
+    Keys are ``"input_bias"``, ``"block03/gate_kernel"`` and so on. Keras stores each layer's
+    variables by creation order only; :func:`~rainforest.model_config.weight_layout` names
+    them, so reading needs no TensorFlow.
+    """
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise CheckpointError(f"{path} is not a readable HDF5 file ({error})") from None
+    with handle:
+        groups = _keras_variable_groups(handle)
+        weights = {}
+        for owner, entries in weight_layout(config).items():
+            if owner not in groups:
+                raise CheckpointError(
+                    f"{path} has no weights for {owner or 'the model'}: it does not belong to "
+                    f"the model config saved next to it")
+            group = groups[owner]
+            if len(group) != len(entries):
+                raise CheckpointError(
+                    f"{path}: {owner or 'the model'} has {len(group)} variables, the config "
+                    f"implies {len(entries)}")
+            for index, (name, shape) in enumerate(entries):
+                data = group[str(index)]
+                if data.dtype.kind != "f" or tuple(data.shape) != shape:
+                    raise CheckpointError(
+                        f"{path}: {owner}/{name} is {data.dtype}{tuple(data.shape)}, the "
+                        f"checkpoint's config implies float{shape}")
+                weights[f"{owner}/{name}" if owner else name] = np.asarray(data, np.float32)
+    return weights
+
+
+def config_document(*, model: ModelConfig, audio: AudioConfig, train: Config, next_step: int,
+                    learning_rate: float, data: dict[str, Any],
+                    metrics: dict[str, float]) -> dict[str, Any]:
+    """What a checkpoint's ``config.json`` holds besides its header and ``files``: every
+    config of the run, the optimizer, the data position (``data["next_step"]``) and the
+    last metrics. :func:`write` adds the header and the files' sha256s."""
+    return {"model": model.to_dict(), "audio": audio.to_dict(), "train": train.to_dict(),
+            "optimizer": {"name": "adam", "file": OPTIMIZER_NAME, "learning_rate": learning_rate},
+            "data": {**data, "next_step": next_step}, "metrics": dict(metrics)}
+
+
+def saved_shape(folder: str, document: dict[str, Any]) -> tuple[ModelConfig, AudioConfig]:
+    """The model and audio configs a checkpoint's ``config.json`` records."""
+    try:
+        return (ModelConfig.from_dict(document["model"]),
+                AudioConfig.from_dict(document["audio"]))
+    except (KeyError, TypeError, ParameterError) as error:
+        raise CheckpointError(f"{folder}/{CONFIG_NAME} has no usable model/audio config: "
+                              f"{error}") from None

@@ -322,12 +322,10 @@ class TrainingState:
 
     def to_document(self, *, audio, metrics: dict[str, float], size: int) -> dict[str, Any]:
         """The checkpoint's ``config.json`` content (the format header is added on write)."""
-        return {"model": self.model.to_dict(), "audio": audio.to_dict(),
-                "train": self.train.to_dict(),
-                "optimizer": {"name": "adam", "file": checkpoint.OPTIMIZER_NAME,
-                              "learning_rate": learning_rate_at(self.step, self.train, size)},
-                "data": {**self.data, "next_step": self.step},
-                "metrics": dict(metrics)}
+        return checkpoint.config_document(
+            model=self.model, audio=audio, train=self.train, next_step=self.step,
+            learning_rate=learning_rate_at(self.step, self.train, size), data=self.data,
+            metrics=metrics)
 
 
 def labels_for_conditioning(dataset: Dataset) -> tuple[str, ...]:

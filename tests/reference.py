@@ -125,7 +125,7 @@ def cut_windows(codes, starts, window):
 def queue_wavenet_logits(weights, dilations, codes, *, label_id=None, dtype=np.float64):
     """Fast-WaveNet by the book: one sample at a time, a deque of the last ``d`` inputs per
     layer, one numpy call per product. ``weights`` are named as
-    ``rainforest.generate.read_weights`` returns them.
+    ``rainforest.checkpoint.read_weights`` returns them.
 
     Feeds ``codes`` (1-D) from time 1 with zero-filled queues and returns the logits of every
     time ``t >= receptive_field - 1`` (whose inputs all lie inside ``codes``), predicting

@@ -15,18 +15,18 @@ import soundfile
 from audiogen import write_periodic_songs, write_random_bytes
 from conftest import RAINFOREST, TINY_TRAINING, run_cli
 from rainforest import checkpoint
+from rainforest.checkpoint import read_weights
 from rainforest.config import AudioConfig
 from rainforest.errors import CheckpointError, ParameterError
-from rainforest.generate import (
+from rainforest.generate import load_network
+from rainforest.kernels.fused_loop import _exp32, _sigmoid32, _tanh32, generate_codes
+from rainforest.kernels.priming import (
     forward_logits,
-    load_network,
     prime_state,
-    read_weights,
     silence_code,
     stream_gate_bias,
     stream_seeds,
 )
-from rainforest.kernels.fused_loop import _exp32, _sigmoid32, _tanh32, generate_codes
 from rainforest.model_config import PRESETS, ModelConfig, weight_layout
 from rainforest.network import build_model
 from reference import queue_wavenet_logits

@@ -11,14 +11,9 @@ import soundfile
 
 from conftest import TINY_TRAINING, run_cli
 from rainforest import checkpoint
-from rainforest.generate import (
-    load_network,
-    prime_state,
-    stream_gate_bias,
-    stream_seeds,
-    write_outputs,
-)
+from rainforest.generate import load_network, write_outputs
 from rainforest.kernels.fused_loop import generate_codes
+from rainforest.kernels.priming import prime_state, stream_gate_bias, stream_seeds
 
 pytestmark = pytest.mark.slow
 

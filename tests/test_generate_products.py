@@ -4,8 +4,9 @@ against Keras for widths that are not a multiple of the 4 x 4 blocking."""
 import numpy as np
 import pytest
 
-from rainforest.generate import load_network, prime_state, stream_gate_bias, stream_seeds
+from rainforest.generate import load_network
 from rainforest.kernels.fused_loop import PRECISIONS, _product, _store, generate_codes, widened
+from rainforest.kernels.priming import prime_state, stream_gate_bias, stream_seeds
 from rainforest.model_config import PRESETS, ModelConfig
 from test_generate import assert_logits_close, keras_checkpoint, keras_logits, label_ids
 

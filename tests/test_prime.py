@@ -8,17 +8,9 @@ import pytest
 import audiogen
 from rainforest.config import AudioConfig
 from rainforest.dataset import Dataset
-from rainforest.generate import (
-    GenerationConfig,
-    generate,
-    load_network,
-    prime_codes,
-    prime_state,
-    silence_code,
-    stream_gate_bias,
-    stream_seeds,
-)
+from rainforest.generate import GenerationConfig, generate, load_network, prime_codes
 from rainforest.kernels.fused_loop import generate_codes
+from rainforest.kernels.priming import prime_state, silence_code, stream_gate_bias, stream_seeds
 from rainforest.model_config import PRESETS, ModelConfig
 from rainforest.preprocess import preprocess
 from test_generate import assert_logits_close, keras_checkpoint

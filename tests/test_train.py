@@ -176,7 +176,7 @@ def test_checkpoints_are_atomic_plain_arrays_and_pruned(periodic_dataset, tmp_pa
         assert b"\x80\x04\x95" not in path.read_bytes()  # the pickle protocol 4 opcode
     # The weights load into a fresh Keras model of the saved config, and are then exactly the
     # checkpoint's arrays (read with h5py alone), which 12 steps moved from the initial ones.
-    from rainforest.generate import read_weights
+    from rainforest.checkpoint import read_weights
     from rainforest.model_config import ModelConfig
     from rainforest.network import build_model
 

@@ -97,8 +97,8 @@ def test_compile_xla_really_compiles_with_xla(runs):
 def _float64_loss_bits(run, step, dataset) -> float:
     """Step ``step + 1``'s training loss recomputed in float64 by the queue-based reference:
     checkpoint ``step``'s weights on the batch of that step, drawn again by the sampler."""
+    from rainforest.checkpoint import read_weights
     from rainforest.dataset import Dataset
-    from rainforest.generate import read_weights
     from rainforest.model_config import PRESETS, receptive_field
     from rainforest.sampling import WindowSampler, rank_share, split_songs
 
