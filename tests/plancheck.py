@@ -54,10 +54,16 @@ def _plan(sources: Path, *, workers: tuple[int, ...], ranks: tuple[int, ...], st
     return json.loads(result.stdout)
 
 
+#: Every (input, workers) pair that can be measured.
+ALL_RUNS = (("small", 1), ("small", 2), ("large", 1), ("large", 2))
+
+
 def compare(small: Path, large: Path, work: Path, *, steps: int, calibration: list[str],
-            env: dict) -> list[dict]:
+            env: dict, runs=ALL_RUNS) -> list[dict]:
     """Predicted against measured seconds for each whole command; one dict per command.
 
+    The plan is calibrated on ``large``; ``runs`` are the preprocess commands measured, as
+    (input, workers), and must include ("large", 2), whose dataset the 2-rank training reads.
     ``calibration`` are extra ``plan`` options (e.g. fewer calibration steps); ``env`` is the
     environment of the 2-rank training (horovodrun on PATH).
     """
@@ -71,6 +77,8 @@ def compare(small: Path, large: Path, work: Path, *, steps: int, calibration: li
     checks = []
     for name, document, source in (("small", small_plan, small), ("large", calibrated, large)):
         for row in document["rows"]:
+            if (name, row["workers"]) not in runs:
+                continue
             out = work / f"dataset-{name}-{row['workers']}"
             measured = _timed([*RAINFOREST, "preprocess", str(source), "--out", str(out),
                                "--cluster", f"local:{row['workers']}", "--no-progress",
