@@ -161,7 +161,15 @@ def read_headers(sources: Sequence[str]) -> list[SourceHeader]:
 
 
 def makespan(work: Sequence[float], workers: int) -> float:
-    """Wall time of tasks taken in order, each by the worker that is free first."""
+    """Wall time of tasks taken in order, each by the worker that is free first.
+
+    Examples
+    --------
+    >>> makespan([3.0, 1.0, 1.0, 1.0], workers=2)
+    3.0
+    >>> makespan([1.0] * 5, workers=2)   # three waves, the last one half idle
+    3.0
+    """
     free = [0.0] * min(workers, max(1, len(work)))
     for seconds in work:
         heapq.heappush(free, heapq.heappop(free) + seconds)
