@@ -17,10 +17,11 @@ from conftest import rank_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-#: Every whole command within this factor of its prediction (error within -60%..+150%): the
-#: start-up of Python, Dask and TensorFlow dominates commands this small, and it varies
-#: with whatever else shares the machine's cores.
-TOLERANCE = 2.5
+#: Every whole command within this factor of its prediction (error within -67%..+200%): the
+#: start-up of Python, Dask and TensorFlow dominates commands this small, and it varies with
+#: whatever else shares the machine's cores (errors of up to -60% were measured on 2 cores
+#: shared with three other test sessions; see the README).
+TOLERANCE = 3.0
 
 
 def test_predictions_come_within_the_tolerance_of_measured_commands(tmp_path):
