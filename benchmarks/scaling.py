@@ -12,17 +12,14 @@ The study the project this replaces reported (43% parallel efficiency at 8 threa
 * Dask's per-task overhead, measured on the same cluster (no-op tasks submitted at once), and
   the measured per-song cost, feed a model that projects efficiency to 8, 64 and 512 workers.
 
-The model, for N songs in S = ceil(N / k) shards of k songs on W workers:
+The model is ``rainforest.plan``'s (its docstring and the README's "Planning a run" state it):
+for N songs in S = ceil(N / k) shards of k on W workers,
 
-    T(W) = ceil(S / W) * k * c  +  N * (2/k) * o  +  N * b / B  +  t0
+    T(W) = ceil(S / W) * k * c  +  2 S o  +  N * b / B  +  t0
 
-with c the compute per song (from T(1)), o the scheduler's per-task overhead (measured; the
-scheduler handles tasks one at a time, so it does not shrink with W), 2/k tasks per song
-(its share of an identify task and of a shard task, each over k songs), b the bytes per
-song, B the aggregate bandwidth of the shared storage (a stated assumption, --storage-gbps;
-added, not overlapped, so the projection errs low), and t0 the fixed cost of a run
-(the intercept of T(1) against N). The first term is the waves of shard tasks: the last wave
-is where workers idle.
+with c the compute per song (from T(1)), o the scheduler's per-task overhead (measured here),
+b the bytes per song, B the assumed aggregate storage bandwidth (--storage-gbps) and t0 the
+fixed cost of a run (the intercept of T(1) against N).
 
 Run: ``python benchmarks/scaling.py [--rounds 3] [--plot scaling.png]``.
 """
@@ -30,7 +27,6 @@ Run: ``python benchmarks/scaling.py [--rounds 3] [--plot scaling.png]``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import tempfile
@@ -39,21 +35,11 @@ import time
 import numpy as np
 from machine import cpu_model
 
+from rainforest.plan import preprocess_seconds, task_overhead
+
 SONG_COUNTS = (10, 20, 41)
 WORKERS = (1, 2)
 PROJECTED_WORKERS = (8, 64, 512)
-
-
-def _noop(x):
-    return x
-
-
-def task_overhead(client, tasks: int = 2000) -> float:
-    """Seconds per task that the scheduler and workers add to a task doing nothing."""
-    client.gather(client.map(_noop, range(100), pure=False))  # warm
-    started = time.perf_counter()
-    client.gather(client.map(_noop, range(tasks), pure=False))
-    return (time.perf_counter() - started) / tasks
 
 
 def timed_run(paths, address: str, songs_per_shard: int) -> float:
@@ -71,12 +57,11 @@ def timed_run(paths, address: str, songs_per_shard: int) -> float:
 
 def project(*, songs: int, workers: int, per_song: float, overhead: float, fixed: float,
             song_bytes: float, storage_bytes_per_second: float, songs_per_shard: int) -> float:
-    """The model's wall time (see the module docstring)."""
-    shards = math.ceil(songs / songs_per_shard)
-    compute = math.ceil(shards / workers) * songs_per_shard * per_song
-    scheduling = songs * (2 / songs_per_shard) * overhead
-    storage = songs * song_bytes / storage_bytes_per_second
-    return compute + scheduling + storage + fixed
+    """The plan's model for ``songs`` equal songs of ``song_bytes`` each."""
+    return preprocess_seconds([per_song] * songs, workers=workers,
+                              songs_per_shard=songs_per_shard, overhead=overhead,
+                              total_bytes=songs * song_bytes,
+                              storage_bytes_per_second=storage_bytes_per_second, fixed=fixed)
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 
 The stages are functions at the package's top, for notebooks and scripts as much as for the
 command line (``rainforest --help``): :func:`fetch`, :func:`preprocess`, :func:`train`,
-:func:`generate` and :func:`report`, with their configs (:class:`AudioConfig`,
-:class:`ModelConfig`, :class:`TrainConfig`, :class:`GenerationConfig`, :class:`FetchConfig`).
+:func:`generate` and :func:`report`, and :func:`plan` (time and money before a run), with
+their configs (:class:`AudioConfig`, :class:`ModelConfig`, :class:`TrainConfig`,
+:class:`GenerationConfig`, :class:`FetchConfig`, :class:`PlanConfig`).
 They load on first use, so ``import rainforest`` imports neither TensorFlow nor Dask.
 The README's "Python API" section has a worked example, and its "Code layout" section is the
 map of every module.
@@ -40,6 +41,8 @@ _LAZY = {
     "generate": "rainforest.generate",
     "GenerationConfig": "rainforest.generate",
     "report": "rainforest.report",
+    "plan": "rainforest.plan",
+    "PlanConfig": "rainforest.plan",
 }
 
 __all__ = [

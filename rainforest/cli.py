@@ -369,6 +369,58 @@ def _add_report(commands) -> None:
     rep.set_defaults(handler=cmd_report)
 
 
+# --- plan -------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rainforest.plan import PlanConfig, format_plan, plan, plot_plan
+    from rainforest.train import TrainConfig
+
+    train = given(args, TrainConfig)
+    document = plan(args.sources, PlanConfig(**given(args, PlanConfig)),
+                    steps=train.get("steps", TrainConfig().steps), audio=_audio_config(args),
+                    train=train, model=args.config or "default", earlier=args.earlier,
+                    # with --json, stdout carries the JSON alone
+                    log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+    if args.png:
+        plot_plan(document, args.png)
+    print(json.dumps(document, indent=1) if args.json else format_plan(document))
+    return 0
+
+
+def _add_plan(commands) -> None:
+    from rainforest.config import AudioConfig
+    from rainforest.plan import PlanConfig
+    from rainforest.train import TrainConfig
+
+    pl = commands.add_parser(
+        "plan", help="predict the time and money of preprocessing and training, before a run",
+        description="Read the sources' sizes and durations from their headers (no decoding; "
+                    "local paths and s3://), calibrate on this machine (a few songs "
+                    "preprocessed, a few training steps of the chosen config on one core) or "
+                    "take the figures of an earlier run or plan (--from), and print for each "
+                    "worker and rank count: hours of audio, predicted preprocessing time and "
+                    "parallel efficiency, training time for --steps, core-hours and, with "
+                    "--price-per-hour, the money. The model and its measured error are in "
+                    "the README (Planning a run); its assumptions are printed with the figures.",
+    )
+    pl.add_argument("sources", nargs="+", metavar="SRC",
+                    help="song files, folders (searched recursively) or URLs such as "
+                         "s3://bucket/songs/")
+    pl.add_argument("--from", dest="earlier", action="append", default=[],
+                    metavar="RUN|PLAN.json",
+                    help="take the figures of a run folder (training step time) or of an earlier "
+                         "`rainforest plan --json` output instead of calibrating (repeatable)")
+    pl.add_argument("--config", metavar="NAME|FILE.json",
+                    help="model config to calibrate training on (default: 'default')")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--png", metavar="PATH", help="plot predicted time against workers here")
+    add_config_options(pl, PlanConfig, title="plan")
+    add_config_options(pl, TrainConfig, title="training, as `rainforest train` would run it")
+    add_config_options(pl, AudioConfig, title="audio")
+    pl.set_defaults(handler=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rainforest",
@@ -379,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_fetch, _add_preprocess, _add_train, _add_generate, _add_report,
+    for add in (_add_fetch, _add_plan, _add_preprocess, _add_train, _add_generate, _add_report,
                 _add_inspect, _add_demo):
         add(commands)
     return parser

@@ -31,13 +31,15 @@ def test_import_rainforest_stays_light():
 def test_stage_names_are_the_functions_even_after_their_modules_load():
     # Importing rainforest.report loads rainforest.generate, whose import would bind the
     # module over the function of the same name.
-    out = _run("import sys, inspect, rainforest, rainforest.report, rainforest.train\n"
-               "for name in ('fetch', 'preprocess', 'train', 'generate', 'report'):\n"
+    out = _run("import sys, inspect, rainforest, rainforest.report, rainforest.train, "
+               "rainforest.plan\n"
+               "for name in ('fetch', 'preprocess', 'train', 'generate', 'report', 'plan'):\n"
                "    value = getattr(rainforest, name)\n"
                "    module = sys.modules['rainforest.' + name]\n"
                "    print(name, inspect.isfunction(value), value is getattr(module, name))\n")
     assert out.split("\n")[:-1] == [f"{name} True True" for name in
-                                    ("fetch", "preprocess", "train", "generate", "report")]
+                                    ("fetch", "preprocess", "train", "generate", "report",
+                                     "plan")]
 
 
 def test_unknown_names_are_attribute_errors():

@@ -17,10 +17,11 @@ from rainforest.ec2 import EC2Settings
 from rainforest.errors import DatasetFormatError, ParameterError
 from rainforest.fetch import FetchConfig
 from rainforest.generate import GenerationConfig
+from rainforest.plan import PlanConfig
 from rainforest.train import TrainConfig
 
 CONFIGS = [AudioConfig, TrainConfig, GenerationConfig, SlurmSettings, FetchConfig,
-           EC2Settings]
+           EC2Settings, PlanConfig]
 
 
 def _leftovers(folder) -> list[str]:
@@ -109,8 +110,10 @@ def test_command_line_options_come_from_the_config_declarations(cls):
     for field in cli_fields(cls):
         choices = field.metadata.get("choices")
         if field.metadata.get("repeat"):
-            assert _parse(cls, [flag_of(field), "a", flag_of(field), "b"]) == {
-                field.name: ("a", "b")}, field.name
+            kind = field.metadata.get("type") or str
+            first, second = ("a", "b") if kind is str else ("3", "4")
+            assert _parse(cls, [flag_of(field), first, flag_of(field), second]) == {
+                field.name: (kind(first), kind(second))}, field.name
             continue
         if (field.metadata.get("type") or type(field.default)) is bool:  # --x / --no-x
             no = "--no-" + flag_of(field)[2:]
@@ -121,6 +124,8 @@ def test_command_line_options_come_from_the_config_declarations(cls):
             value = next(c for c in choices if c != field.default)
         elif field.metadata.get("type") is int:
             value = 3
+        elif field.metadata.get("type") is float:
+            value = 2.5
         elif field.default is None:
             value = "x"
         else:
@@ -131,7 +136,7 @@ def test_command_line_options_come_from_the_config_declarations(cls):
 def test_help_shows_each_declared_default_and_choice(capsys):
     fields = [("train", TrainConfig), ("generate", GenerationConfig),
               ("preprocess", AudioConfig), ("preprocess", SlurmSettings),
-              ("preprocess", EC2Settings), ("fetch", FetchConfig)]
+              ("preprocess", EC2Settings), ("fetch", FetchConfig), ("plan", PlanConfig)]
     for command, cls in fields:
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
