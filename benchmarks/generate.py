@@ -34,7 +34,7 @@ from machine import describe, matmul_peak
 from numba import njit
 
 from rainforest.generate import generate_threaded
-from rainforest.kernels.fused_loop import PRECISIONS, generate_codes
+from rainforest.kernels.fused_loop import WEIGHT_PRECISIONS, generate_codes
 from rainforest.kernels.priming import fuse, prime_state, stream_gate_bias, stream_seeds
 from rainforest.model_config import PRESETS, multiply_adds_per_sample, weight_layout
 
@@ -246,7 +246,7 @@ def main():
     config = PRESETS["medium"]
     weights = random_weights(config)
     float32 = fuse(weights, config)
-    networks = {p: float32.at_precision(p) for p in PRECISIONS}
+    networks = {p: float32.at_precision(p) for p in WEIGHT_PRECISIONS}
     cores = os.cpu_count() or 1
     flops = 2 * multiply_adds_per_sample(config)
     print(describe())
@@ -258,7 +258,7 @@ def main():
     naive = None if args.no_keras else NaiveKeras(weights, config)
 
     runs = {}
-    for precision in PRECISIONS:
+    for precision in WEIGHT_PRECISIONS:
         for name in ("B=1 1 core", "B=32 1 core", f"B=32 {cores} cores", "read GB/s"):
             runs[f"{precision} {name}"] = []
     for name in ("queue numpy B=1", "naive keras B=1", "peak GFLOP/s 1 core",

@@ -37,7 +37,7 @@ the codes of a stream do not depend on how many streams share its call. ``tanh``
 ``sigmoid`` use :func:`_exp32`, a polynomial exponential the compiler can vectorise (libm's
 ``expf`` is a scalar call).
 
-Precisions (:data:`PRECISIONS`): the five matrices may be stored as ``bfloat16`` (the upper
+Precisions (:data:`WEIGHT_PRECISIONS`): the five matrices may be stored as ``bfloat16`` (the upper
 16 bits of each float32, rounded to nearest even) or ``int8`` (one scale per weight row,
 ``max |row| / 127``; the two output matrices stay bfloat16), so the single stream reads about
 a half or a quarter of the bytes and the medium config's weights fit a core's L2. Products
@@ -91,8 +91,8 @@ def _power_of_two(typingctx, k):
     return types.float32(types.float32), codegen
 
 
-#: ``--precision``: how the matrices are stored (see :func:`storage_format`).
-PRECISIONS = ("float32", "bfloat16", "int8")
+#: `generate --precision`: how the loop stores its matrices (see :func:`storage_format`).
+WEIGHT_PRECISIONS = ("float32", "bfloat16", "int8")
 _INT8_LIMIT = 127
 #: The output stack (5% of the medium config's weights) decides the logits most directly:
 #: in int8 alone it flipped 7% of the argmax codes, in bfloat16 1.3%; so int8 keeps it bfloat16.
@@ -375,8 +375,8 @@ class FusedNetwork:
     """
 
     def __init__(self, *, dilations, gate_bias, condition, precision="float32", **arrays):
-        if precision not in PRECISIONS:
-            raise ParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in WEIGHT_PRECISIONS:
+            raise ParameterError(f"precision must be one of {WEIGHT_PRECISIONS}, got {precision!r}")
         self.precision = precision
         missing = set(NETWORK_ARRAYS) - set(arrays)
         if missing or set(arrays) - set(NETWORK_ARRAYS):
@@ -392,13 +392,13 @@ class FusedNetwork:
         self._stored = None
 
     def at_precision(self, precision):
-        """The same network with its matrices stored as ``precision`` (see :data:`PRECISIONS`).
+        """This network with its matrices stored as ``precision`` (:data:`WEIGHT_PRECISIONS`).
 
         Its float32 arrays hold the values the stored weights stand for, so the numpy code
         that primes a state reads the same network as the loop that continues from it.
         """
-        if precision not in PRECISIONS:
-            raise ParameterError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in WEIGHT_PRECISIONS:
+            raise ParameterError(f"precision must be one of {WEIGHT_PRECISIONS}, got {precision!r}")
         if precision == self.precision:
             return self
         stored = {name: _store(kernel, storage_format(name, precision))

@@ -31,7 +31,12 @@ from rainforest.audio import encode_song
 from rainforest.config import AudioConfig, Config, documented, setting
 from rainforest.errors import AudioDecodeError, ParameterError
 from rainforest.kernels import mulaw_decode
-from rainforest.kernels.fused_loop import PRECISIONS, FusedNetwork, StreamState, generate_codes
+from rainforest.kernels.fused_loop import (
+    WEIGHT_PRECISIONS,
+    FusedNetwork,
+    StreamState,
+    generate_codes,
+)
 from rainforest.kernels.priming import (
     fuse,
     prime_state,
@@ -67,7 +72,7 @@ class GenerationConfig(Config):
                              "one stream) or int8 (a scale per weight row; the output stack "
                              "stays bfloat16; about a quarter of the bytes); products are "
                              "float32 in all three",
-                             choices=PRECISIONS)
+                             choices=WEIGHT_PRECISIONS)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.seconds) and self.seconds > 0):

@@ -37,7 +37,8 @@ from rainforest.sampling import WindowSampler, rank_share, split_songs, validati
 from rainforest.watchdog import arm_watchdog
 
 COMPILE_MODES = ("eager", "graph", "xla")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+#: `train --precision`: the Keras dtype policy of the compute (weights stay float32).
+TRAINING_PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
 @documented
@@ -69,7 +70,7 @@ class TrainConfig(Config):
     compile: str = setting("graph", "eager, tf.function graph, or XLA (jit_compile) steps",
                            choices=COMPILE_MODES)
     precision: str = setting("auto", "auto: bfloat16 compute on a GPU, float32 on a CPU",
-                             choices=PRECISIONS)
+                             choices=TRAINING_PRECISIONS)
     log_every: int = setting(10, "metrics period in steps")
     stall_timeout: float = setting(600.0, "end a rank when, after its first step, no step has "
                                    "finished for this many seconds, so a hung rank cannot "

@@ -22,7 +22,7 @@ from numba.core import codegen, config
 from rainforest.generate import load_network, prime_state, stream_gate_bias, stream_seeds
 from rainforest.kernels.fused_loop import (
     NETWORK_ARRAYS,
-    PRECISIONS,
+    WEIGHT_PRECISIONS,
     FusedNetwork,
     _store,
     generate_codes,
@@ -31,7 +31,7 @@ from rainforest.kernels.fused_loop import (
 from rainforest.model_config import PRESETS
 from test_generate import keras_checkpoint
 
-REDUCED = [p for p in PRECISIONS if p != "float32"]
+REDUCED = [p for p in WEIGHT_PRECISIONS if p != "float32"]
 
 
 def test_bfloat16_storage_rounds_like_ml_dtypes():
@@ -166,7 +166,7 @@ def test_without_avx512_the_loop_falls_back_and_gives_the_same_bits(tiny_network
                         seeds=stream_seeds(3, 5))
     there, compiled_for = _run_elsewhere(tmp_path, tiny_network, state, narrow)
     assert "+avx512f" not in compiled_for.split(",") and "+avx2" in compiled_for.split(",")
-    for precision in PRECISIONS:
+    for precision in WEIGHT_PRECISIONS:
         codes, logits = generate_codes(tiny_network.at_precision(precision),
                                        state.take(np.arange(5)), 200, record_logits=True)
         np.testing.assert_array_equal(codes, there[precision + "_codes"], err_msg=precision)

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from rainforest.generate import load_network
-from rainforest.kernels.fused_loop import PRECISIONS, _product, _store, generate_codes, widened
+from rainforest.kernels.fused_loop import (
+    WEIGHT_PRECISIONS,
+    _product,
+    _store,
+    generate_codes,
+    widened,
+)
 from rainforest.kernels.priming import prime_state, stream_gate_bias, stream_seeds
 from rainforest.model_config import PRESETS, ModelConfig
 from test_generate import assert_logits_close, keras_checkpoint, keras_logits, label_ids
@@ -26,7 +32,7 @@ def _one_at_a_time(x, w, scale, start):
     return np.stack(rows)
 
 
-@pytest.mark.parametrize("form", PRECISIONS)
+@pytest.mark.parametrize("form", WEIGHT_PRECISIONS)
 @pytest.mark.parametrize("streams, inner, outputs", [
     (1, 128, 128), (4, 128, 128), (32, 128, 256), (5, 13, 7), (6, 3, 9), (7, 130, 1), (3, 1, 5),
     (1, 12, 16), (2, 20, 3),
