@@ -378,6 +378,34 @@ def _generate_chunks(network: FusedNetwork, states: list[StreamState], total: in
     return codes, interrupted
 
 
+class _NoBar:
+    def update(self, steps: int) -> None:
+        pass
+
+
+def stream_codes(network: FusedNetwork, source: TrainedNetwork, config: GenerationConfig, *,
+                 bar=None) -> tuple[np.ndarray, bool]:
+    """The codes of ``config.streams`` streams from ``network`` (``source``'s network at
+    ``config.precision``): what :func:`generate` writes, and what training samples are.
+
+    Returns the codes (streams, samples) and whether Ctrl-C cut them short.
+    """
+    streams, audio = config.streams, source.audio
+    label_ids = stream_label_ids(source.model, config.label, streams)
+    rf = network.receptive_field
+    prime = np.empty((streams, 0), np.int64)
+    if config.prime:
+        prime = np.broadcast_to(prime_codes(config.prime, audio, rf), (streams, rf))
+    state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
+                        seeds=stream_seeds(config.seed, streams))
+    shares = np.array_split(np.arange(streams), min(config.threads, streams))
+    states = [state.take(share) for share in shares]
+    total = int(round(config.seconds * audio.sample_rate))
+    return _generate_chunks(
+        network, states, total, chunk=max(1, int(CHUNK_SECONDS * audio.sample_rate)),
+        temperature=config.temperature, bar=bar or _NoBar())
+
+
 def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = True,
              log=print) -> dict[str, Any]:
     """Generate ``config.streams`` songs of ``config.seconds`` from the newest checkpoint.
@@ -390,28 +418,18 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
     source = load_network(run)
     audio, streams = source.audio, config.streams
     network = source.network.at_precision(config.precision)
-    label_ids = stream_label_ids(source.model, config.label, streams)
-    rf = network.receptive_field
-    prime = np.empty((streams, 0), np.int64)
-    if config.prime:
-        prime = np.broadcast_to(prime_codes(config.prime, audio, rf), (streams, rf))
-    state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
-                        seeds=stream_seeds(config.seed, streams))
-    shares = np.array_split(np.arange(streams), min(config.threads, streams))
-    states = [state.take(share) for share in shares]
+    stream_label_ids(source.model, config.label, streams)  # a wrong --label fails before work
     total = int(round(config.seconds * audio.sample_rate))
     log(f"generating {streams} x {config.seconds:g} s at {audio.sample_rate} Hz from "
-        f"{source.folder} (step {source.step}, receptive field {rf} codes, {config.precision} "
-        f"weights: {network.nbytes / 1e6:.2f} MB read per sample)")
+        f"{source.folder} (step {source.step}, receptive field {network.receptive_field} "
+        f"codes, {config.precision} weights: {network.nbytes / 1e6:.2f} MB read per sample)")
     started = time.perf_counter()
     # Counted in samples, shown in seconds of audio (unit_scale multiplies for display).
     with tqdm(total=total, unit_scale=1.0 / audio.sample_rate, disable=not progress,
               dynamic_ncols=True, desc="generating",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio "
                          "[{elapsed}<{remaining}]") as bar:
-        codes, interrupted = _generate_chunks(
-            network, states, total, chunk=max(1, int(CHUNK_SECONDS * audio.sample_rate)),
-            temperature=config.temperature, bar=bar)
+        codes, interrupted = stream_codes(network, source, config, bar=bar)
     elapsed = time.perf_counter() - started
     done = codes.shape[1]
     if interrupted:

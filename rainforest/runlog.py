@@ -79,6 +79,16 @@ class RankZeroLog:
             else:
                 self.log(message)
 
+    def record_sample(self, step: int, tag: str, samples, rate: int, png: bytes) -> None:
+        """One generated clip as TensorBoard audio, and its spectrogram as an image."""
+        if not self.active:
+            return
+        import tensorflow as tf
+
+        with self._tensorboard.as_default(step=step):
+            tf.summary.audio(tag, tf.constant(samples, tf.float32)[None, :, None], rate)
+            tf.summary.image(tag + "/spectrogram", tf.image.decode_png(png, channels=3)[None])
+
     def finish(self, step: int, stopped_by: str) -> None:
         if not self.active:
             return

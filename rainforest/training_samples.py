@@ -1,0 +1,264 @@
+"""Hear the model as it trains: ``rainforest train --sample-every N``.
+
+Every N steps rank 0 writes the current weights as a weights-only checkpoint into a local
+temporary folder (a few milliseconds) and hands it to a sampler process of its own, started
+once with ``python -m rainforest.training_samples`` and niced, so the ranks never wait for
+generation. The sampler reads the snapshot exactly as ``rainforest generate`` reads a
+checkpoint (:func:`rainforest.generate.load_network`), runs the fused loop for
+``--sample-seconds`` at ``--sample-temperature`` with the run's ``--seed`` (one stream per label
+of a ``--condition`` model, each the stream ``rainforest generate --label L`` would give), and
+publishes ``RUN/samples/step-NNNNNNNNN/`` whole (``storage.Staged``; local or ``s3://``):
+``stream-KKK.wav`` and its spectrogram PNG per stream, and ``samples.json`` (written last).
+Rank 0 picks finished samples up at a later step and adds them to TensorBoard as audio and
+image summaries under the step they were taken at.
+
+Jobs and replies are JSON lines on the sampler's stdin and stdout (nothing pickled). A step
+whose samples folder already exists is never sampled again, so a resumed run, or an elastic
+run rolled back to its last commit, continues the numbering without repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rainforest import checkpoint, storage
+
+SAMPLES_DIR = "samples"
+INDEX_NAME = "samples.json"
+#: How long the end of training waits for samples still being generated.
+FINISH_TIMEOUT_S = 600.0
+
+
+def sample_folder(run: str, step: int) -> str:
+    return storage.join(run, SAMPLES_DIR, checkpoint.step_name(step))
+
+
+def is_sampled(run: str, step: int) -> bool:
+    """A step counts as sampled once its ``samples.json`` is there (it is published last)."""
+    return storage.exists(storage.join(sample_folder(run, step), INDEX_NAME))
+
+
+def sampled_steps(run: str) -> list[tuple[int, dict]]:
+    """Each sampled step of ``run`` with its ``samples.json``, oldest first."""
+    root = storage.join(run, SAMPLES_DIR)
+    found = []
+    for name in storage.list_names(root):
+        if name.startswith("step-") and is_sampled(run, int(name[5:])):
+            found.append((int(name[5:]), storage.read_json(
+                storage.join(root, name, INDEX_NAME))))
+    return sorted(found, key=lambda item: item[0])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """How to write the weights of the step being sampled: its checkpoint document and a
+    function that writes ``model.weights.h5`` into a folder."""
+
+    document: dict
+    save: Callable[[str], None]
+
+
+@dataclass
+class TrainingSampler:
+    """Rank 0's side: snapshots weights, feeds the sampler process, logs what it finished.
+
+    Every rank holds one; only the rank that is rank 0 at a sampled step does anything, so
+    under ``--elastic`` the current rank 0 samples.
+    """
+
+    run: str
+    every: int
+    seconds: float
+    temperature: float
+    seed: int
+    log: Callable[[str], None] = print
+    submitted: set[int] = field(default_factory=set)
+    handoff_seconds: list[float] = field(default_factory=list)
+    sampler_seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self._replies: queue.Queue = queue.Queue()
+        self._pending: set[int] = set()
+        self._work = ""
+
+    def at_step(self, step: int, rank: int, writer, snapshot: Callable[[], Snapshot]) -> None:
+        """After ``step``: sample it if due, and log samples finished since the last call.
+
+        ``snapshot()`` gives the checkpoint document and weights writer of this step.
+        """
+        if rank != 0:
+            return
+        started = time.perf_counter()
+        if self.every and step % self.every == 0 and step not in self.submitted:
+            self.submitted.add(step)
+            if is_sampled(self.run, step):
+                self.log(f"samples: step {step} was sampled before; not again")
+            elif self._submit(step, snapshot()):
+                self.handoff_seconds.append(time.perf_counter() - started)
+        self._log_finished(writer, wait=0.0)
+
+    def finish(self, writer) -> None:
+        """Wait for the samples still being made, log them, stop the sampler process."""
+        if self._process is None:
+            return
+        self._process.stdin.close()
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        while self._pending and time.monotonic() < deadline:
+            self._log_finished(writer, wait=max(0.0, deadline - time.monotonic()))
+        if self._pending:
+            self.log(f"note: samples of steps {sorted(self._pending)} were not finished "
+                     f"after {FINISH_TIMEOUT_S:.0f} s; left out")
+            self._process.kill()
+        self._process.wait()
+        shutil.rmtree(self._work, ignore_errors=True)
+        self._process = None
+        if self.handoff_seconds:
+            handoff = 1e3 * sum(self.handoff_seconds) / len(self.handoff_seconds)
+            made = sum(self.sampler_seconds) / max(1, len(self.sampler_seconds))
+            self.log(f"samples: {len(self.handoff_seconds)} step(s) sampled into "
+                     f"{storage.join(self.run, SAMPLES_DIR)}; rank 0 spent {handoff:.1f} ms "
+                     f"per sampled step, the sampler process {made:.2f} s beside training")
+
+    def abandon(self) -> None:
+        """Stop the sampler process without waiting (training failed)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._process = None
+
+    def _start(self) -> None:
+        self._work = tempfile.mkdtemp(prefix="rainforest-samples-")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "rainforest.training_samples"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, bufsize=1)
+        stdout, replies = self._process.stdout, self._replies
+
+        def read() -> None:
+            for line in stdout:
+                replies.put(json.loads(line))
+            replies.put(None)  # the process ended
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def _submit(self, step: int, snapshot: Snapshot) -> bool:
+        if self._process is None:
+            self._start()
+        job = os.path.join(self._work, checkpoint.step_name(step))
+        checkpoint.write(os.path.join(job, "snapshot"), step, snapshot.document, snapshot.save,
+                         keep=1)
+        request = {"step": step, "snapshot": os.path.join(job, "snapshot"),
+                   "work": os.path.join(job, "out"), "out": sample_folder(self.run, step),
+                   "seconds": self.seconds, "temperature": self.temperature,
+                   "seed": self.seed}
+        try:
+            self._process.stdin.write(json.dumps(request) + "\n")
+            self._process.stdin.flush()
+        except OSError:  # the sampler died; training goes on without samples
+            self.log(f"note: the sampler process has ended; step {step} is not sampled")
+            return False
+        self._pending.add(step)
+        return True
+
+    def _log_finished(self, writer, *, wait: float) -> None:
+        """Log every finished sample; wait up to ``wait`` seconds for the first one."""
+        while self._pending:
+            try:
+                reply = self._replies.get(timeout=wait) if wait > 0 else self._replies.get_nowait()
+            except queue.Empty:
+                return
+            wait = 0.0
+            if reply is None:
+                self.log(f"note: the sampler process ended; steps {sorted(self._pending)} "
+                         "are not sampled")
+                self._pending.clear()
+                return
+            self._pending.discard(reply["step"])
+            if "error" in reply:
+                self.log(f"note: samples of step {reply['step']} failed: {reply['error']}")
+            else:
+                self.sampler_seconds.append(reply["wall_seconds"])
+                _summarise(writer, reply)
+            shutil.rmtree(os.path.dirname(reply["work"]), ignore_errors=True)
+
+
+def _summarise(writer, reply: dict) -> None:
+    """TensorBoard audio and spectrogram of each stream, read back from the local copy."""
+    import soundfile
+
+    for index, name in enumerate(reply["files"]):
+        samples, rate = soundfile.read(os.path.join(reply["work"], name), dtype="float32")
+        with open(os.path.join(reply["work"], name[:-4] + ".png"), "rb") as handle:
+            png = handle.read()
+        writer.record_sample(reply["step"], f"samples/{_tag(reply['labels'][index], index)}",
+                             samples, rate, png)
+
+
+def _tag(label: str | None, index: int) -> str:
+    """A TensorBoard tag for one stream: its label where it has one (only safe characters)."""
+    if label is None:
+        return "audio"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return f"{index:02d}-{safe}"
+
+
+# --- the sampler process --------------------------------------------------------------
+
+
+def make_samples(request: dict) -> dict:
+    """One job: the snapshot's streams as wavs and PNGs in ``work``, published to ``out``."""
+    import numpy as np
+
+    from rainforest.generate import GenerationConfig, load_network, stream_codes, write_outputs
+
+    started = time.perf_counter()
+    source = load_network(request["snapshot"])
+    labels = list(source.model.labels) or [None]
+    codes = []
+    for label in labels:  # each the stream `rainforest generate --label L` gives
+        config = GenerationConfig(seconds=request["seconds"], seed=request["seed"],
+                                  temperature=request["temperature"], label=label)
+        codes.append(stream_codes(source.network, source, config)[0][0])
+    work = request["work"]
+    paths = write_outputs(np.stack(codes), source.audio, work)
+    index = {"step": source.step, "seconds": request["seconds"], "seed": request["seed"],
+             "temperature": request["temperature"], "sample_rate": source.audio.sample_rate,
+             "files": [os.path.basename(p) for p in paths], "labels": labels,
+             "wall_seconds": round(time.perf_counter() - started, 3)}
+    with storage.Staged(request["out"], folder=True, marker=INDEX_NAME) as staging:
+        shutil.copytree(work, staging, dirs_exist_ok=True)
+        with open(os.path.join(staging, INDEX_NAME), "wb") as handle:
+            handle.write(storage.dumps_json(index))
+    return {**index, "step": request["step"], "work": work}
+
+
+def serve() -> None:
+    """Answer one JSON job per stdin line with one JSON line, until stdin closes."""
+    replies = sys.stdout
+    sys.stdout = sys.stderr  # nothing else may write into the reply channel
+    if hasattr(os, "nice"):
+        os.nice(10)  # training comes first on a shared machine
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = make_samples(request)
+        except Exception as error:  # one failed sample must not end the others
+            reply = {"step": request["step"], "work": request["work"],
+                     "error": f"{type(error).__name__}: {error}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    serve()
