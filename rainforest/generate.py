@@ -44,6 +44,8 @@ def silence_code(classes: int) -> int:
 #: Audio generated per kernel call: short enough for a live progress bar and a prompt Ctrl-C.
 CHUNK_SECONDS = 0.1
 GENERATION_NAME = "generation.json"
+#: Shorter streams get no spectrogram PNG (too few samples for its 512-point windows).
+SPECTROGRAM_MIN_SAMPLES = 256
 
 
 @documented
@@ -334,7 +336,7 @@ def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool
             soundfile.write(staging, samples, audio.sample_rate, subtype="PCM_16",
                             format="WAV")
         paths.append(path)
-        if plot and samples.shape[0] >= 256:
+        if plot and samples.shape[0] >= SPECTROGRAM_MIN_SAMPLES:
             spectrogram_png(samples, audio.sample_rate, path[:-4] + ".png")
     return paths
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -32,9 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rainforest import checkpoint, storage
+from rainforest.documents import read_document
+from rainforest.errors import CheckpointError, ParameterError
 
 SAMPLES_DIR = "samples"
 INDEX_NAME = "samples.json"
+FORMAT = "rainforest-samples"
+VERSION = 1
+_STREAM_FILE = re.compile(r"^stream-[0-9]{3}\.wav$")
 #: How long the end of training waits for samples still being generated.
 FINISH_TIMEOUT_S = 600.0
 
@@ -48,14 +54,27 @@ def is_sampled(run: str, step: int) -> bool:
     return storage.exists(storage.join(sample_folder(run, step), INDEX_NAME))
 
 
+def read_index(run: str, step: int) -> dict:
+    """A sampled step's ``samples.json``, checked: its format, and file names that stay in
+    its folder (the report copies them)."""
+    url = storage.join(sample_folder(run, step), INDEX_NAME)
+    index = read_document(url, kind=FORMAT, version=VERSION, error=CheckpointError,
+                          advice="upgrade rainforest to read these samples",
+                          missing=f"{url} is missing")
+    files, labels = index.get("files"), index.get("labels")
+    if (not isinstance(files, list) or not isinstance(labels, list)
+            or len(files) != len(labels)
+            or not all(isinstance(f, str) and _STREAM_FILE.match(f) for f in files)):
+        raise CheckpointError(f"{url} lists files that are not this step's streams")
+    return index
+
+
 def sampled_steps(run: str) -> list[tuple[int, dict]]:
-    """Each sampled step of ``run`` with its ``samples.json``, oldest first."""
-    root = storage.join(run, SAMPLES_DIR)
+    """Each sampled step of ``run`` with its checked ``samples.json``, oldest first."""
     found = []
-    for name in storage.list_names(root):
-        if name.startswith("step-") and is_sampled(run, int(name[5:])):
-            found.append((int(name[5:]), storage.read_json(
-                storage.join(root, name, INDEX_NAME))))
+    for name in storage.list_names(storage.join(run, SAMPLES_DIR)):
+        if re.fullmatch(r"step-[0-9]{9}", name) and is_sampled(run, int(name[5:])):
+            found.append((int(name[5:]), read_index(run, int(name[5:]))))
     return sorted(found, key=lambda item: item[0])
 
 
@@ -189,7 +208,11 @@ class TrainingSampler:
                 self.log(f"note: samples of step {reply['step']} failed: {reply['error']}")
             else:
                 self.sampler_seconds.append(reply["wall_seconds"])
-                _summarise(writer, reply)
+                try:
+                    _summarise(writer, reply)
+                except Exception as error:  # a summary must never cost the run
+                    self.log(f"note: could not add step {reply['step']}'s samples to "
+                             f"TensorBoard ({error})")
             shutil.rmtree(os.path.dirname(reply["work"]), ignore_errors=True)
 
 
@@ -220,10 +243,20 @@ def make_samples(request: dict) -> dict:
     """One job: the snapshot's streams as wavs and PNGs in ``work``, published to ``out``."""
     import numpy as np
 
-    from rainforest.generate import GenerationConfig, load_network, stream_codes, write_outputs
+    from rainforest.generate import (
+        SPECTROGRAM_MIN_SAMPLES,
+        GenerationConfig,
+        load_network,
+        stream_codes,
+        write_outputs,
+    )
 
     started = time.perf_counter()
     source = load_network(request["snapshot"])
+    length = int(round(request["seconds"] * source.audio.sample_rate))
+    if length < SPECTROGRAM_MIN_SAMPLES:
+        raise ParameterError(f"--sample-seconds {request['seconds']} gives {length} samples; a "
+                             f"spectrogram needs at least {SPECTROGRAM_MIN_SAMPLES}")
     labels = list(source.model.labels) or [None]
     codes = []
     for label in labels:  # each the stream `rainforest generate --label L` gives
@@ -232,7 +265,8 @@ def make_samples(request: dict) -> dict:
         codes.append(stream_codes(source.network, source, config)[0][0])
     work = request["work"]
     paths = write_outputs(np.stack(codes), source.audio, work)
-    index = {"step": source.step, "seconds": request["seconds"], "seed": request["seed"],
+    index = {"format": FORMAT, "version": VERSION, "step": source.step,
+             "seconds": request["seconds"], "seed": request["seed"],
              "temperature": request["temperature"], "sample_rate": source.audio.sample_rate,
              "files": [os.path.basename(p) for p in paths], "labels": labels,
              "wall_seconds": round(time.perf_counter() - started, 3)}
