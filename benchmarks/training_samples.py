@@ -60,7 +60,7 @@ def train_once(dataset: str, run: str, args, every: int) -> dict:
     per_step = 2 * 2048
     step_seconds = [per_step / row["samples_per_second_per_rank"] for row in rows
                     if row["step"] > WARMUP_STEPS]
-    found = re.search(r"rank 0 spent ([0-9.]+) ms per sampled step, the sampler process "
+    found = re.search(r"rank 0 spent ([0-9.]+) ms per sampled step .* the sampler process "
                       r"([0-9.]+) s", result.stdout)
     return {"train_seconds": sum(step_seconds),
             "handoff_ms": float(found.group(1)) if found else None,

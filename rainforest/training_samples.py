@@ -1,13 +1,16 @@
 """Hear the model as it trains: ``rainforest train --sample-every N``.
 
-Every N steps rank 0 writes the current weights as a weights-only checkpoint into a local
-temporary folder (a few milliseconds) and hands it to a sampler process of its own, started
-once with ``python -m rainforest.training_samples`` and niced, so the ranks never wait for
-generation. The sampler reads the snapshot exactly as ``rainforest generate`` reads a
-checkpoint (:func:`rainforest.generate.load_network`), runs the fused loop for
-``--sample-seconds`` at ``--sample-temperature`` with the run's ``--seed`` (one stream per label
-of a ``--condition`` model, each the stream ``rainforest generate --label L`` would give), and
-publishes ``RUN/samples/step-NNNNNNNNN/`` whole (``storage.Staged``; local or ``s3://``):
+Every N steps rank 0 copies the current weights (milliseconds; writing a Keras weights file
+would take about ten times as long), writes the copy as a plain HDF5 arrays file
+(``checkpoint.save_arrays``) into a local temporary folder, and hands it to a sampler process
+of its own, started once with ``python -m rainforest.training_samples`` and niced, so the ranks
+never wait for generation. The sampler lays the arrays out for the fused loop exactly as
+``rainforest generate`` lays out a checkpoint's (:func:`rainforest.generate.weights_in_order`
+names them as :func:`~rainforest.generate.read_weights` does, then
+:func:`~rainforest.generate.fuse`), runs the loop for ``--sample-seconds`` at
+``--sample-temperature`` with the run's ``--seed`` (one stream per label of a ``--condition``
+model, each the stream ``rainforest generate --label L`` would give), and publishes
+``RUN/samples/step-NNNNNNNNN/`` whole (``storage.Staged``; local or ``s3://``):
 ``stream-KKK.wav`` and its spectrogram PNG per stream, and ``samples.json`` (written last).
 Rank 0 picks finished samples up at a later step and adds them to TensorBoard as audio and
 image summaries under the step they were taken at.
@@ -19,11 +22,13 @@ run rolled back to its last commit, continues the numbering without repeats.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,11 +85,12 @@ def sampled_steps(run: str) -> list[tuple[int, dict]]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """How to write the weights of the step being sampled: its checkpoint document and a
-    function that writes ``model.weights.h5`` into a folder."""
+    """The step being sampled: a copy of the model's weights, named and in the model's own
+    order, and the model and audio configs (as dicts)."""
 
-    document: dict
-    save: Callable[[str], None]
+    weights: list
+    model: dict
+    audio: dict
 
 
 @dataclass
@@ -108,13 +114,15 @@ class TrainingSampler:
     def __post_init__(self) -> None:
         self._process: subprocess.Popen | None = None
         self._replies: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue = queue.Queue()
+        self._feeder: threading.Thread | None = None
         self._pending: set[int] = set()
         self._work = ""
 
     def at_step(self, step: int, rank: int, writer, snapshot: Callable[[], Snapshot]) -> None:
         """After ``step``: sample it if due, and log samples finished since the last call.
 
-        ``snapshot()`` gives the checkpoint document and weights writer of this step.
+        ``snapshot()`` copies this step's weights; it is called only when the step is due.
         """
         if rank != 0:
             return
@@ -131,26 +139,29 @@ class TrainingSampler:
         """Wait for the samples still being made, log them, stop the sampler process."""
         if self._process is None:
             return
-        self._process.stdin.close()
+        self._jobs.put(None)
+        self._feeder.join()  # every snapshot written and handed over; then stdin closes
         deadline = time.monotonic() + FINISH_TIMEOUT_S
         while self._pending and time.monotonic() < deadline:
             self._log_finished(writer, wait=max(0.0, deadline - time.monotonic()))
         if self._pending:
             self.log(f"note: samples of steps {sorted(self._pending)} were not finished "
                      f"after {FINISH_TIMEOUT_S:.0f} s; left out")
-            self._process.kill()
-        self._process.wait()
-        shutil.rmtree(self._work, ignore_errors=True)
-        self._process = None
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=60)  # its stdin is closed: it ends by itself
+        self.abandon()
         if self.handoff_seconds:
-            handoff = 1e3 * sum(self.handoff_seconds) / len(self.handoff_seconds)
-            made = sum(self.sampler_seconds) / max(1, len(self.sampler_seconds))
+            handoff = 1e3 * statistics.median(self.handoff_seconds)
+            made = statistics.median(self.sampler_seconds or [float("nan")])
             self.log(f"samples: {len(self.handoff_seconds)} step(s) sampled into "
                      f"{storage.join(self.run, SAMPLES_DIR)}; rank 0 spent {handoff:.1f} ms "
-                     f"per sampled step, the sampler process {made:.2f} s beside training")
+                     f"per sampled step (median; the first, which starts the sampler: "
+                     f"{1e3 * self.handoff_seconds[0]:.1f} ms), the sampler process {made:.2f} "
+                     "s beside training")
 
     def abandon(self) -> None:
-        """Stop the sampler process without waiting (training failed)."""
+        """Stop the sampler process (at once if it is still working) and remove its files."""
         if self._process is not None:
             self._process.kill()
             self._process.wait()
@@ -170,25 +181,43 @@ class TrainingSampler:
             replies.put(None)  # the process ended
 
         threading.Thread(target=read, daemon=True).start()
+        self._feeder = threading.Thread(target=self._feed, daemon=True)
+        self._feeder.start()
 
     def _submit(self, step: int, snapshot: Snapshot) -> bool:
+        """Queue the job; the feeder thread writes the snapshot file, off the training path."""
         if self._process is None:
             self._start()
-        job = os.path.join(self._work, checkpoint.step_name(step))
-        checkpoint.write(os.path.join(job, "snapshot"), step, snapshot.document, snapshot.save,
-                         keep=1)
-        request = {"step": step, "snapshot": os.path.join(job, "snapshot"),
-                   "work": os.path.join(job, "out"), "out": sample_folder(self.run, step),
-                   "seconds": self.seconds, "temperature": self.temperature,
-                   "seed": self.seed}
-        try:
-            self._process.stdin.write(json.dumps(request) + "\n")
-            self._process.stdin.flush()
-        except OSError:  # the sampler died; training goes on without samples
+        if self._process.poll() is not None:
             self.log(f"note: the sampler process has ended; step {step} is not sampled")
             return False
         self._pending.add(step)
+        self._jobs.put((step, snapshot))
         return True
+
+    def _feed(self) -> None:
+        """Write each queued snapshot and hand it to the sampler; close its stdin at the end."""
+        stdin = self._process.stdin
+        while (job := self._jobs.get()) is not None:
+            step, snapshot = job
+            folder = os.path.join(self._work, checkpoint.step_name(step))
+            request = {"step": step, "weights": os.path.join(folder, "weights.h5"),
+                       "model": snapshot.model, "audio": snapshot.audio,
+                       "work": os.path.join(folder, "out"), "out": sample_folder(self.run, step),
+                       "seconds": self.seconds, "temperature": self.temperature,
+                       "seed": self.seed}
+            try:
+                os.makedirs(folder)
+                checkpoint.save_arrays(request["weights"], snapshot.weights)
+                stdin.write(json.dumps(request) + "\n")
+                stdin.flush()
+            except OSError as error:  # e.g. the sampler died: training goes on without it
+                self._replies.put({"step": step, "work": request["work"],
+                                   "error": f"not handed to the sampler ({error})"})
+        try:
+            stdin.close()
+        except OSError:
+            pass
 
     def _log_finished(self, writer, *, wait: float) -> None:
         """Log every finished sample; wait up to ``wait`` seconds for the first one."""
@@ -243,16 +272,24 @@ def make_samples(request: dict) -> dict:
     """One job: the snapshot's streams as wavs and PNGs in ``work``, published to ``out``."""
     import numpy as np
 
+    from rainforest.config import AudioConfig
     from rainforest.generate import (
         SPECTROGRAM_MIN_SAMPLES,
         GenerationConfig,
-        load_network,
+        TrainedNetwork,
+        fuse,
         stream_codes,
+        weights_in_order,
         write_outputs,
     )
+    from rainforest.model_config import ModelConfig
 
     started = time.perf_counter()
-    source = load_network(request["snapshot"])
+    model = ModelConfig.from_dict(request["model"])
+    arrays = [array for _, array in checkpoint.load_arrays(request["weights"])]
+    source = TrainedNetwork(request["weights"], request["step"], model,
+                            AudioConfig.from_dict(request["audio"]),
+                            fuse(weights_in_order(arrays, model), model))
     length = int(round(request["seconds"] * source.audio.sample_rate))
     if length < SPECTROGRAM_MIN_SAMPLES:
         raise ParameterError(f"--sample-seconds {request['seconds']} gives {length} samples; a "
@@ -265,7 +302,7 @@ def make_samples(request: dict) -> dict:
         codes.append(stream_codes(source.network, source, config)[0][0])
     work = request["work"]
     paths = write_outputs(np.stack(codes), source.audio, work)
-    index = {"format": FORMAT, "version": VERSION, "step": source.step,
+    index = {"format": FORMAT, "version": VERSION, "step": request["step"],
              "seconds": request["seconds"], "seed": request["seed"],
              "temperature": request["temperature"], "sample_rate": source.audio.sample_rate,
              "files": [os.path.basename(p) for p in paths], "labels": labels,
