@@ -24,7 +24,6 @@ from conftest import TINY_TRAINING, rank_env
 from rainforest import checkpoint, runlog
 from rainforest.elastic import last_logged_step, weights_digest
 from rainforest.train import TrainingState
-from rainforest.training_samples import sampled_steps
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -147,8 +146,7 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     job = Job([ROOT / "launch" / "elastic-local.sh", hosts, periodic_dataset, "--run", run,
                *TINY_TRAINING, "--target-length", "1024", "--steps", steps,
                "--commit-every", COMMIT_EVERY, "--checkpoint-every", 100, "--log-every", 1,
-               "--val-every", 200, "--sample-every", 100, "--sample-seconds", 0.1],
-              COOLDOWN="1 2")
+               "--val-every", 200], COOLDOWN="1 2")
     jobs.append(job)
     job.wait_for("2 ranks training", lambda: last_logged_step(str(run)) >= 6 * COMMIT_EVERY + 2,
                  STARTUP_TIMEOUT)
@@ -209,15 +207,6 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     # Adam counts the updates it applied: none twice, none dropped, across kill and join.
     optimizer = dict(checkpoint.load_arrays(os.path.join(final, checkpoint.OPTIMIZER_NAME)))
     assert int(optimizer["adam/iteration"]) == steps
-    # Audio samples: made by whichever rank was rank 0 then, each step once, on disk and in
-    # TensorBoard.
-    assert [step for step, _ in sampled_steps(str(run))] == [100, 200, 300, 400]
-    from tensorboard.backend.event_processing import event_accumulator
-
-    events = event_accumulator.EventAccumulator(
-        str(run / runlog.TENSORBOARD_DIR), size_guidance={event_accumulator.TENSORS: 0})
-    events.Reload()
-    assert [e.step for e in events.Tensors("samples/audio")] == [100, 200, 300, 400]
 
 
 LAUNCHERS = {
