@@ -402,27 +402,37 @@ class _NoBar:
         pass
 
 
-def stream_codes(network: FusedNetwork, source: TrainedNetwork, config: GenerationConfig, *,
-                 bar=None) -> tuple[np.ndarray, bool]:
-    """The codes of ``config.streams`` streams from ``network`` (``source``'s network at
-    ``config.precision``): what :func:`generate` writes, and what training samples are.
-
-    Returns the codes (streams, samples) and whether Ctrl-C cut them short.
-    """
-    streams, audio = config.streams, source.audio
+def start_states(network: FusedNetwork, source: TrainedNetwork, config: GenerationConfig
+                 ) -> list[StreamState]:
+    """The primed states of ``config.streams`` streams, one per ``config.threads`` share."""
+    streams = config.streams
     label_ids = stream_label_ids(source.model, config.label, streams)
     rf = network.receptive_field
     prime = np.empty((streams, 0), np.int64)
     if config.prime:
-        prime = np.broadcast_to(prime_codes(config.prime, audio, rf), (streams, rf))
+        prime = np.broadcast_to(prime_codes(config.prime, source.audio, rf), (streams, rf))
     state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
                         seeds=stream_seeds(config.seed, streams))
     shares = np.array_split(np.arange(streams), min(config.threads, streams))
-    states = [state.take(share) for share in shares]
+    return [state.take(share) for share in shares]
+
+
+def run_states(network: FusedNetwork, states: list[StreamState], audio: AudioConfig,
+               config: GenerationConfig, *, bar=None) -> tuple[np.ndarray, bool]:
+    """Run primed states for ``config.seconds``; the codes and whether Ctrl-C cut them short."""
     total = int(round(config.seconds * audio.sample_rate))
     return _generate_chunks(
         network, states, total, chunk=max(1, int(CHUNK_SECONDS * audio.sample_rate)),
         temperature=config.temperature, bar=bar or _NoBar())
+
+
+def stream_codes(network: FusedNetwork, source: TrainedNetwork, config: GenerationConfig
+                 ) -> np.ndarray:
+    """The codes (streams, samples) of ``config.streams`` streams from ``network``
+    (``source``'s network at ``config.precision``): what :func:`generate` writes, and what
+    training samples are."""
+    states = start_states(network, source, config)
+    return run_states(network, states, source.audio, config)[0]
 
 
 def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = True,
@@ -437,7 +447,7 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
     source = load_network(run)
     audio, streams = source.audio, config.streams
     network = source.network.at_precision(config.precision)
-    stream_label_ids(source.model, config.label, streams)  # a wrong --label fails before work
+    states = start_states(network, source, config)
     total = int(round(config.seconds * audio.sample_rate))
     log(f"generating {streams} x {config.seconds:g} s at {audio.sample_rate} Hz from "
         f"{source.folder} (step {source.step}, receptive field {network.receptive_field} "
@@ -448,7 +458,7 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
               dynamic_ncols=True, desc="generating",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio "
                          "[{elapsed}<{remaining}]") as bar:
-        codes, interrupted = stream_codes(network, source, config, bar=bar)
+        codes, interrupted = run_states(network, states, audio, config, bar=bar)
     elapsed = time.perf_counter() - started
     done = codes.shape[1]
     if interrupted:

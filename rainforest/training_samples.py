@@ -299,7 +299,7 @@ def make_samples(request: dict) -> dict:
     for label in labels:  # each the stream `rainforest generate --label L` gives
         config = GenerationConfig(seconds=request["seconds"], seed=request["seed"],
                                   temperature=request["temperature"], label=label)
-        codes.append(stream_codes(source.network, source, config)[0][0])
+        codes.append(stream_codes(source.network, source, config)[0])
     work = request["work"]
     paths = write_outputs(np.stack(codes), source.audio, work)
     index = {"format": FORMAT, "version": VERSION, "step": request["step"],
