@@ -233,6 +233,23 @@ def read_weights(path: str, config: ModelConfig) -> dict[str, np.ndarray]:
     return weights
 
 
+def weights_in_order(arrays, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Named weights, as :func:`read_weights` names them, from arrays in the Keras model's own
+    order (``model.weights``, which :func:`~rainforest.model_config.weight_layout` follows):
+    how a training rank's copy of its weights reaches the fused loop without a Keras file."""
+    entries = [(f"{owner}/{name}" if owner else name, shape)
+               for owner, items in weight_layout(config).items() for name, shape in items]
+    if len(arrays) != len(entries):
+        raise CheckpointError(f"{len(arrays)} weight arrays given, the config implies "
+                              f"{len(entries)}")
+    for (key, shape), array in zip(entries, arrays, strict=True):
+        if tuple(array.shape) != shape:
+            raise CheckpointError(f"weight {key} is {tuple(array.shape)}, the config implies "
+                                  f"{shape}")
+    return {key: np.asarray(array, np.float32) for (key, _), array in zip(entries, arrays,
+                                                                             strict=True)}
+
+
 def config_document(*, model: ModelConfig, audio: AudioConfig, train: Config, next_step: int,
                     learning_rate: float, data: dict[str, Any],
                     metrics: dict[str, float]) -> dict[str, Any]:

@@ -257,7 +257,9 @@ def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
                "--config", args.train_config, "--steps", str(args.train_steps),
                "--batch-size", "2", "--target-length", "2048", "--val-every",
                str(max(1, args.train_steps // 2)), "--checkpoint-every",
-               str(max(1, args.train_steps // 2)), "--warmup-steps", "20"]
+               str(max(1, args.train_steps // 2)), "--warmup-steps", "20",
+               # four points on the timeline: hear it go from hiss towards music
+               "--sample-every", str(max(1, args.train_steps // 4)), "--sample-seconds", "2"]
     if checkpoint.list_checkpoints(run):
         step = checkpoint.read_config(checkpoint.latest(run))["step"]
         if step >= args.train_steps:
@@ -357,7 +359,9 @@ def _add_report(commands) -> None:
         description="Write OUT/index.html with its PNGs and wavs beside it (viewable offline): "
                     "training and held-out bits per sample against the unigram entropy, the "
                     "dataset's hours per label and failures, real and generated spectrograms "
-                    "side by side with audio players, the model config and checkpoint step.",
+                    "side by side with audio players, a timeline of the audio sampled during "
+                    "training (train --sample-every) beside the loss curve, the model config "
+                    "and checkpoint step.",
     )
     rep.add_argument("run", metavar="RUN", help="run folder written by `rainforest train`")
     rep.add_argument("--dataset", metavar="DS",
@@ -478,7 +482,8 @@ def _add_train(commands) -> None:
                     "`horovodrun --mpi`, `mpirun -np N` or Slurm's `srun`: every rank reads "
                     "its own share of the songs. Rank 0 shows progress, measures held-out bits "
                     "per sample, and writes checkpoints, TensorBoard scalars "
-                    "(RUN/tensorboard), RUN/metrics.jsonl and RUN/curves.png. SIGTERM or "
+                    "(RUN/tensorboard), RUN/metrics.jsonl and RUN/curves.png; with "
+                    "--sample-every, audio samples in RUN/samples and TensorBoard. SIGTERM or "
                     "Ctrl-C writes a checkpoint and exits cleanly; --resume continues exactly.",
     )
     tr.add_argument("dataset", metavar="DATASET",
@@ -493,8 +498,8 @@ def _add_train(commands) -> None:
                     help="condition on the songs' labels (preprocess with --labels)")
     tr.add_argument("--resume", action="store_true",
                     help="continue RUN from its latest checkpoint with its saved settings; "
-                         "--steps may raise the total, other settings given are ignored with "
-                         "a warning")
+                         "--steps may raise the total and the --sample-* settings may change, "
+                         "other settings given are ignored with a warning")
     tr.add_argument("--resume-if-any", action="store_true",
                     help="resume if RUN has a checkpoint, else start a new run (for batch "
                          "scripts that may be requeued)")

@@ -103,7 +103,8 @@ def weights_digest(weights) -> str:
     return digest.hexdigest()
 
 
-def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool, log):
+def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool, log,
+                  sampling):
     """Train until the last step or a stop, surviving lost and joining ranks.
 
     Returns ``(stopped_by, validation_bits, unigram_bits, writer)`` of the final membership.
@@ -134,7 +135,7 @@ def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool
             unigram = training._unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
         stopped_by, bits = training._loop(trainer, state, data, writer, unigram=unigram,
                                           deadline=deadline, audio=dataset.audio, run=run,
-                                          commit=elastic_state.commit)
+                                          sampling=sampling, commit=elastic_state.commit)
         outcome.update(stopped_by=stopped_by, bits=bits, unigram=unigram, writer=writer)
         return True
 

@@ -49,6 +49,8 @@ from rainforest.plots import spectrogram_png
 #: Audio generated per kernel call: short enough for a live progress bar and a prompt Ctrl-C.
 CHUNK_SECONDS = 0.1
 GENERATION_NAME = "generation.json"
+#: Shorter streams get no spectrogram PNG (too few samples for its 512-point windows).
+SPECTROGRAM_MIN_SAMPLES = 256
 
 
 @documented
@@ -165,7 +167,7 @@ def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool
             soundfile.write(staging, samples, audio.sample_rate, subtype="PCM_16",
                             format="WAV")
         paths.append(path)
-        if plot and samples.shape[0] >= 256:
+        if plot and samples.shape[0] >= SPECTROGRAM_MIN_SAMPLES:
             spectrogram_png(samples, audio.sample_rate, path[:-4] + ".png")
     return paths
 
@@ -209,6 +211,44 @@ def _generate_chunks(network: FusedNetwork, states: list[StreamState], total: in
     return codes, interrupted
 
 
+class _NoBar:
+    def update(self, steps: int) -> None:
+        pass
+
+
+def start_states(network: FusedNetwork, source: TrainedNetwork, config: GenerationConfig
+                 ) -> list[StreamState]:
+    """The primed states of ``config.streams`` streams, one per ``config.threads`` share."""
+    streams = config.streams
+    label_ids = stream_label_ids(source.model, config.label, streams)
+    rf = network.receptive_field
+    prime = np.empty((streams, 0), np.int64)
+    if config.prime:
+        prime = np.broadcast_to(prime_codes(config.prime, source.audio, rf), (streams, rf))
+    state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
+                        seeds=stream_seeds(config.seed, streams))
+    shares = np.array_split(np.arange(streams), min(config.threads, streams))
+    return [state.take(share) for share in shares]
+
+
+def run_states(network: FusedNetwork, states: list[StreamState], audio: AudioConfig,
+               config: GenerationConfig, *, bar=None) -> tuple[np.ndarray, bool]:
+    """Run primed states for ``config.seconds``; the codes and whether Ctrl-C cut them short."""
+    total = int(round(config.seconds * audio.sample_rate))
+    return _generate_chunks(
+        network, states, total, chunk=max(1, int(CHUNK_SECONDS * audio.sample_rate)),
+        temperature=config.temperature, bar=bar or _NoBar())
+
+
+def stream_codes(network: FusedNetwork, source: TrainedNetwork, config: GenerationConfig
+                 ) -> np.ndarray:
+    """The codes (streams, samples) of ``config.streams`` streams from ``network``
+    (``source``'s network at ``config.precision``): what :func:`generate` writes, and what
+    training samples are."""
+    states = start_states(network, source, config)
+    return run_states(network, states, source.audio, config)[0]
+
+
 def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = True,
              log=print) -> dict[str, Any]:
     """Generate ``config.streams`` songs of ``config.seconds`` from the newest checkpoint.
@@ -221,28 +261,18 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
     source = load_network(run)
     audio, streams = source.audio, config.streams
     network = source.network.at_precision(config.precision)
-    label_ids = stream_label_ids(source.model, config.label, streams)
-    rf = network.receptive_field
-    prime = np.empty((streams, 0), np.int64)
-    if config.prime:
-        prime = np.broadcast_to(prime_codes(config.prime, audio, rf), (streams, rf))
-    state = prime_state(network, prime, gate_bias=stream_gate_bias(network, label_ids),
-                        seeds=stream_seeds(config.seed, streams))
-    shares = np.array_split(np.arange(streams), min(config.threads, streams))
-    states = [state.take(share) for share in shares]
+    states = start_states(network, source, config)
     total = int(round(config.seconds * audio.sample_rate))
     log(f"generating {streams} x {config.seconds:g} s at {audio.sample_rate} Hz from "
-        f"{source.folder} (step {source.step}, receptive field {rf} codes, {config.precision} "
-        f"weights: {network.nbytes / 1e6:.2f} MB read per sample)")
+        f"{source.folder} (step {source.step}, receptive field {network.receptive_field} "
+        f"codes, {config.precision} weights: {network.nbytes / 1e6:.2f} MB read per sample)")
     started = time.perf_counter()
     # Counted in samples, shown in seconds of audio (unit_scale multiplies for display).
     with tqdm(total=total, unit_scale=1.0 / audio.sample_rate, disable=not progress,
               dynamic_ncols=True, desc="generating",
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio "
                          "[{elapsed}<{remaining}]") as bar:
-        codes, interrupted = _generate_chunks(
-            network, states, total, chunk=max(1, int(CHUNK_SECONDS * audio.sample_rate)),
-            temperature=config.temperature, bar=bar)
+        codes, interrupted = run_states(network, states, audio, config, bar=bar)
     elapsed = time.perf_counter() - started
     done = codes.shape[1]
     if interrupted:

@@ -7,7 +7,9 @@ opened without a network. It shows:
 - the dataset's hours per label, its failures, and preprocessing throughput when known;
 - real songs (from the dataset's shards) and generated ones (``--generated``) side by side as
   spectrograms, each with an ``<audio>`` player;
-- the checkpoint's step and its model and training configs.
+- the checkpoint's step and its model and training configs;
+- a timeline of the audio samples made during training (``train --sample-every``): each
+  sampled step's spectrograms with players, beside the loss curve marked at those steps.
 
 Every string put into the page is HTML-escaped: song names and failure reasons come from
 files a stranger may have named.
@@ -28,6 +30,7 @@ from rainforest import __version__, checkpoint, storage
 from rainforest.errors import ParameterError
 from rainforest.plots import png_figure, spectrogram_png
 from rainforest.runlog import draw_curves, read_metrics
+from rainforest.training_samples import SAMPLES_DIR, sampled_steps
 
 REAL_SECONDS = 4.0  # seconds of each real song shown and played
 REAL_SONGS = 4
@@ -115,6 +118,9 @@ th { background: #eef3ea; }
 figure { margin: 0 0 1em; } figure img { width: 100%; border: 1px solid #ddd; }
 audio { width: 100%; } img.plot { max-width: 100%; }
 .overview { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+.timeline { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; align-items: start; }
+.timeline > img { position: sticky; top: 0; width: 100%; }
+.timeline h3 { margin: .3em 0; }
 """
 
 
@@ -136,6 +142,41 @@ def _section_training(run: str, rows, config: dict[str, Any], out: str) -> str:
     else:
         parts.append("<p>No <code>metrics.jsonl</code> in the run.</p>")
     return "\n".join(parts)
+
+
+def _copy_samples(run: str, step: int, index: dict[str, Any], out: str) -> list[str]:
+    """The figures of one sampled step, its files copied beside the page."""
+    folder = storage.join(run, SAMPLES_DIR, checkpoint.step_name(step))
+    figures = []
+    for name, label in zip(index["files"], index["labels"], strict=True):
+        stem = f"sample-{checkpoint.step_name(step)}-{name[:-4]}"
+        for suffix in (".wav", ".png"):
+            with storage.Staged(os.path.join(out, stem + suffix)) as staging, \
+                    open(staging, "wb") as handle:
+                handle.write(storage.read_bytes(storage.join(folder, name[:-4] + suffix)))
+        title = f"step {step}" + (f" [{label}]" if label is not None else "")
+        figures.append(_figure(stem + ".png", stem + ".wav", title))
+    return figures
+
+
+def _section_timeline(run: str, rows, out: str) -> str:
+    """Each sampled step's spectrograms and players, beside the loss curve marked there."""
+    sampled = sampled_steps(run)
+    if not sampled:
+        return ("<h2>Timeline</h2><p>No audio samples in the run (train with "
+                "<code>--sample-every N</code> to hear the model at every Nth step).</p>")
+    draw_curves(rows, os.path.join(out, "timeline.png"), marks=[step for step, _ in sampled])
+    loss = {r["step"]: r["loss_bits"] for r in rows if "loss_bits" in r}
+    entries = []
+    for step, index in sampled:
+        bits = f", training {loss[step]:.3f} bits/sample" if step in loss else ""
+        entries.append(f'<div class="step" id="sample-{step}"><h3>Step {step}{_e(bits)}</h3>'
+                       f"<p>{_e(index['seconds'])} s at temperature {_e(index['temperature'])}"
+                       f", seed {_e(index['seed'])}</p>"
+                       + "".join(_copy_samples(run, step, index, out)) + "</div>")
+    return ('<h2>Timeline</h2><section id="timeline" class="timeline">'
+            '<img class="plot" src="timeline.png" alt="bits per sample, sampled steps marked">'
+            f"<div>{''.join(entries)}</div></section>")
 
 
 def _section_config(config: dict[str, Any]) -> str:
@@ -239,7 +280,8 @@ def report(run: str, out: str, *, dataset: str | None = None, generated: str | N
         data = Dataset(dataset)
     elif dataset:
         log(f"note: dataset {dataset} not found; the report leaves it out")
-    sections = [_section_training(run, read_metrics(run), config, out),
+    rows = read_metrics(run)
+    sections = [_section_training(run, rows, config, out), _section_timeline(run, rows, out),
                 _section_songs(data, generated, out)]
     if data is not None:
         sections.append(_section_dataset(data, throughput, out))

@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 
 from rainforest import storage
 from rainforest.plots import png_figure
@@ -78,6 +79,16 @@ class RankZeroLog:
                 self._bar.write(message, file=sys.stderr)
             else:
                 self.log(message)
+
+    def record_sample(self, step: int, tag: str, samples, rate: int, png: bytes) -> None:
+        """One generated clip as TensorBoard audio, and its spectrogram as an image."""
+        if not self.active:
+            return
+        import tensorflow as tf
+
+        with self._tensorboard.as_default(step=step):
+            tf.summary.audio(tag, tf.constant(samples, tf.float32)[None, :, None], rate)
+            tf.summary.image(tag + "/spectrogram", tf.image.decode_png(png, channels=3)[None])
 
     def finish(self, step: int, stopped_by: str) -> None:
         if not self.active:
@@ -145,9 +156,13 @@ def plot_curves(run: str) -> str:
     return path
 
 
-def draw_curves(rows: list[dict[str, float]], path: str) -> None:
-    """Training and held-out bits per sample against the held-out codes' unigram entropy."""
+def draw_curves(rows: list[dict[str, float]], path: str, *, marks: Sequence[int] = ()) -> None:
+    """Training and held-out bits per sample against the held-out codes' unigram entropy;
+    a dotted line at each step in ``marks`` (the steps with audio samples)."""
     with png_figure(path, size=(7, 4)) as axes:
+        for index, step in enumerate(marks):
+            axes.axvline(step, color="#b8860b", ls=":", lw=1,
+                         label="audio sample" if index == 0 else None)
         trained = [r for r in rows if "loss_bits" in r]
         axes.plot([r["step"] for r in trained], [r["loss_bits"] for r in trained], lw=0.8,
                   label="training")

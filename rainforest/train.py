@@ -34,6 +34,7 @@ from rainforest.errors import CheckpointError, ParameterError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
 from rainforest.runlog import RankZeroLog
 from rainforest.sampling import WindowSampler, rank_share, split_songs, validation_windows
+from rainforest.training_samples import Snapshot, TrainingSampler
 from rainforest.watchdog import arm_watchdog
 
 COMPILE_MODES = ("eager", "graph", "xla")
@@ -78,6 +79,13 @@ class TrainConfig(Config):
     commit_every: int = setting(10, "with --elastic: keep a copy of the state in memory every N "
                                 "steps (and at each checkpoint); a lost rank costs the steps "
                                 "since the last one")
+    sample_every: int = setting(0, "every N steps, rank 0 generates audio from the current "
+                                "weights into RUN/samples and TensorBoard, in a process of "
+                                "its own beside training (0: never)")
+    sample_seconds: float = setting(2.0, "seconds of audio per training sample (one per label "
+                                    "for a --condition model)")
+    sample_temperature: float = setting(1.0, "softmax temperature of the training samples "
+                                        "(their seed is --seed)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "target_length", "checkpoint_every",
@@ -85,15 +93,24 @@ class TrainConfig(Config):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "validation_every", "validation_windows", "seed",
-                     "stall_timeout"):
+                     "stall_timeout", "sample_every", "sample_temperature"):
             if getattr(self, name) < 0:
                 raise ParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not self.clip_norm > 0:
             raise ParameterError("learning_rate and clip_norm must be positive")
+        if not (math.isfinite(self.sample_seconds) and self.sample_seconds > 0
+                and math.isfinite(self.sample_temperature)):
+            raise ParameterError(
+                f"sample_seconds must be positive and sample_temperature finite, got "
+                f"{self.sample_seconds} and {self.sample_temperature}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ParameterError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         self.check_choices()
+
+
+#: Settings a resume takes from the command line: they change neither the model nor the data.
+RESUME_MAY_CHANGE = ("steps", "sample_every", "sample_seconds", "sample_temperature")
 
 
 def learning_rate_at(step: int, config: TrainConfig, size: int) -> float:
@@ -352,8 +369,8 @@ def start_state(run: str, dataset: Dataset, *, model_config: ModelConfig | None,
     """Decide where training starts: a new run, or the latest checkpoint of ``run``.
 
     A new run takes ``config`` (default ``TrainConfig()``) with ``overrides`` applied. A resume
-    keeps the saved configs and takes only ``steps`` from what was asked; any other setting
-    asked for that differs from the saved run is named in a warning.
+    keeps the saved configs and takes only :data:`RESUME_MAY_CHANGE` from what was asked; any
+    other setting asked for that differs from the saved run is named in a warning.
     """
     existing = checkpoint.list_checkpoints(run)
     if not resume:
@@ -369,14 +386,14 @@ def start_state(run: str, dataset: Dataset, *, model_config: ModelConfig | None,
     state = TrainingState.from_checkpoint(checkpoint.latest(run))
     asked = {**(config.to_dict() if config else {}), **overrides}
     ignored = _differences(state.train.to_dict(), {k: v for k, v in asked.items()
-                                                   if k != "steps"})
+                                                   if k not in RESUME_MAY_CHANGE})
     if model_config is not None and model_config != state.model:
         ignored += _differences(state.model.to_dict(), model_config.to_dict())
     if ignored:
         log(f"warning: --resume keeps the settings {state.resumed_from} was trained with; "
             f"ignoring {', '.join(ignored)}. Start a new --run to change them")
-    if "steps" in asked:
-        state.train = dataclasses.replace(state.train, steps=asked["steps"])
+    state.train = dataclasses.replace(state.train, **{k: v for k, v in asked.items()
+                                                      if k in RESUME_MAY_CHANGE})
     return state
 
 
@@ -467,21 +484,30 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
             trainer.load(folder)
     say(_banner(dataset, state, size, data))
     deadline = None if time_limit_minutes is None else time.monotonic() + 60 * time_limit_minutes
+    config = state.train
+    sampling = TrainingSampler(run, config.sample_every, config.sample_seconds,
+                              config.sample_temperature, config.seed, log=say)
     try:
         if elastic:  # Horovod: no collective before elastic.run's first sync (joiners deadlock)
             from rainforest.elastic import train_elastic
 
             stopped_by, val_bits, unigram, writer = train_elastic(
-                trainer, state, dataset, run=run, deadline=deadline, progress=progress, log=log)
+                trainer, state, dataset, run=run, deadline=deadline, progress=progress, log=log,
+                sampling=sampling)
         else:
             writer = RankZeroLog(run, rank, progress=progress, log=log)
             unigram = None
             if data.validation is not None:
                 unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
             stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
-                                         deadline=deadline, audio=dataset.audio, run=run)
+                                         deadline=deadline, audio=dataset.audio, run=run,
+                                         sampling=sampling)
+    except BaseException:
+        sampling.abandon()  # no waiting for samples of a run that failed
+        raise
     finally:
         arm_watchdog(0)  # an error leaving the loop must not leave a watchdog behind
+    sampling.finish(writer)  # its last summaries go out with the logs
     writer.finish(state.step, stopped_by)
     return {"step": state.step, "stopped_by": stopped_by, "validation_bits": val_bits,
             "unigram_bits": unigram, "rank": hvd.rank(), "ranks": hvd.size(),
@@ -489,9 +515,11 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
 
 
 def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: RankZeroLog,
-          *, unigram: float | None, deadline: float | None, audio, run: str, commit=None
-          ) -> tuple[str, float]:
+          *, unigram: float | None, deadline: float | None, audio, run: str,
+          sampling: TrainingSampler, commit=None) -> tuple[str, float]:
     """Train from ``state.step`` to the last step or a stop; returns (stopped by, bits).
+
+    ``sampling`` makes audio samples of the steps it is due at, beside training.
 
     ``commit`` (elastic training) is called every ``commit_every`` steps and after each
     checkpoint, so no checkpoint is ever ahead of the state a lost rank rolls back to.
@@ -506,6 +534,10 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
                              state.to_document(audio=audio, metrics=writer.last, size=size),
                              trainer.save, keep=config.keep_checkpoints)
             writer.publish()  # an s3:// run's logs travel with each checkpoint
+
+    def snapshot() -> Snapshot:  # a copy in memory: milliseconds, where a Keras file takes 10x
+        return Snapshot([(v.path, np.array(v.numpy())) for v in trainer.model.weights],
+                        state.model.to_dict(), audio.to_dict())
 
     last_saved = state.step if state.resumed_from else -1
     samples_per_step = config.batch_size * config.target_length
@@ -533,6 +565,7 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
             val_bits = trainer.validation_bits(*data.validation)
             scalars.update(validation_bits=val_bits, unigram_bits=unigram)
         writer.record(step, scalars)
+        sampling.at_step(step, trainer.hvd.rank(), writer, snapshot)
         if step % config.checkpoint_every == 0:
             save()
             last_saved = step
