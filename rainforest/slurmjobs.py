@@ -74,7 +74,7 @@ def interfaces() -> dict[str, list[str]]:
 
 
 def _refuse(reason: str) -> ParameterError:
-    choices = ", ".join(f"{name} ({' '.join(found)})" for name, found in interfaces().items()
+    choices = ", ".join(f"{name} ({', '.join(found)})" for name, found in interfaces().items()
                         if found and not all(_is_loopback(a) for a in found)) or "none"
     return ParameterError(
         f"--cluster slurm: {reason}, so the worker jobs could not reach this machine's Dask "
@@ -145,8 +145,9 @@ def job_facts(job_id: str) -> dict[str, str]:
 def _describe(job_id: str, facts: dict[str, str], what: str) -> str:
     output = facts.get("StdOut") or f"slurm-{job_id}.out in the job's working folder"
     node = facts.get("NodeList") or "no node"
-    return f"worker job {job_id} ({facts.get('JobState', 'gone')}, on {node}) {what}; " \
-           f"its output: {output}"
+    status = facts.get("JobState", "gone") + (f", exit code {facts['ExitCode']}"
+                                              if facts.get("ExitCode", "0:0") != "0:0" else "")
+    return f"worker job {job_id} ({status}, on {node}) {what}; its output: {output}"
 
 
 def _check_job(job_id: str, running_since: dict[str, float], connect_seconds: float,

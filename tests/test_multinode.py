@@ -70,16 +70,50 @@ def test_cluster_slurm_from_the_login_node_uses_workers_on_both_nodes(interface,
                                                                       local_dataset, tmp_path):
     out = tmp_path / "dataset"
     flags = ["--slurm-interface", interface] if interface else []
-    result = nodes.run(
+    result = _preprocess_on_slurm(nodes, songs, out, tmp_path, *flags)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "slurm: 2 worker(s) connected" in output, output
+    used = _shards_by_host(output)
+    assert set(used) == set(nodes.addresses.values()), output
+    assert_same_tree(out, local_dataset)
+
+
+def _preprocess_on_slurm(nodes: MultiNode, songs: Path, out: Path, folder: Path, *flags: str):
+    return nodes.run(
         *RAINFOREST, "preprocess", str(songs), "--out", str(out), "--cluster", "slurm",
         "--no-progress", "--songs-per-shard", "1", "--slurm-cores", "1",
         "--slurm-memory", "500MB", "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
         "--slurm-max-jobs", "2", "--slurm-start-timeout", "60",
-        f"--slurm-directive=--chdir={tmp_path}", *flags,
-        env=_env(nodes), check=False, cwd=tmp_path, timeout=300)
+        f"--slurm-directive=--chdir={folder}", *flags,
+        env=_env(nodes), check=False, cwd=folder, timeout=300)
+
+
+def test_a_worker_job_that_fails_is_named_with_its_output_file(nodes, songs, local_dataset,
+                                                               tmp_path):
+    out = tmp_path / "dataset"
+    result = _preprocess_on_slurm(nodes, songs, out, tmp_path,
+                                  '--slurm-prologue=[ "$(hostname)" != n1 ] || exit 3')
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "2 worker(s)" in output, output
-    used = _shards_by_host(output)
-    assert set(used) == set(nodes.addresses.values()), output
+    failed = re.findall(r"worker job (\d+) \(\w+, exit code 3:0, on n1\) ended before its worker "
+                        r"connected; its output: (\S+)", output)
+    assert failed, output
+    for job, log in failed:
+        assert log == str(tmp_path / f"slurm-{job}.out"), output
+    assert "slurm: 1 worker(s) connected" in output, output
+    assert set(_shards_by_host(output)) == {nodes.addresses["n0"]}, output
     assert_same_tree(out, local_dataset)
+
+
+def test_a_loopback_interface_for_remote_nodes_is_refused_before_any_job(nodes, songs,
+                                                                         tmp_path):
+    before = nodes.run("squeue", "-h", "-o", "%i").stdout.split()
+    jobs_before = len(nodes.completed_jobs())
+    result = _preprocess_on_slurm(nodes, songs, tmp_path / "dataset", tmp_path,
+                                  "--slurm-interface", "lo")
+    assert result.returncode != 0
+    assert "--slurm-interface lo is loopback, and the node at 192.0.2.1" in result.stderr
+    assert "nothing was submitted" in result.stderr and "eth0 (192.0.2.2" in result.stderr
+    assert nodes.run("squeue", "-h", "-o", "%i").stdout.split() == before
+    assert len(nodes.completed_jobs()) == jobs_before
