@@ -117,3 +117,18 @@ def test_a_loopback_interface_for_remote_nodes_is_refused_before_any_job(nodes, 
     assert "nothing was submitted" in result.stderr and "eth0 (192.0.2.2" in result.stderr
     assert nodes.run("squeue", "-h", "-o", "%i").stdout.split() == before
     assert len(nodes.completed_jobs()) == jobs_before
+
+
+def test_preprocess_sbatch_on_two_nodes_gives_the_dataset_of_a_local_run(nodes, songs,
+                                                                        local_dataset, tmp_path):
+    out, log = tmp_path / "dataset", tmp_path / "job.out"
+    job = nodes.submit(str(REPO / "slurm/preprocess.sbatch"), "--nodes=2", "--ntasks=2",
+                       "--mem-per-cpu=200M", f"--output={log}", f"--chdir={tmp_path}",
+                       script_args=("--songs-per-shard", "1"),
+                       env=_env(nodes, SONGS=songs, OUT=out, SHARED_TMP=tmp_path))
+    state = nodes.wait(job, timeout=200)
+    output = log.read_text() if log.exists() else "(no output file)"
+    assert state == "COMPLETED", output
+    assert "preflight: 2 worker(s)" in output, output
+    assert set(_shards_by_host(output)) == set(nodes.addresses.values()), output
+    assert_same_tree(out, local_dataset)
