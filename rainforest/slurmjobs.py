@@ -9,6 +9,7 @@ of the hostname, often 127.0.1.1, or on 127.0.0.1: every remote worker then fail
 - :func:`scheduler_interface` finds the interface from the route to the partition's node
   addresses (or the controller's), before any job is submitted, and stops with the interfaces
   to pass to ``--slurm-interface`` when it cannot tell.
+  ``python -m rainforest.slurmjobs`` prints it, for batch scripts (``slurm/*.sbatch``).
 - :func:`wait_for_worker_jobs` waits for the worker jobs the run asked for, and names each one
   that ended or never connected, with its job id, state and output file.
 """
@@ -214,3 +215,12 @@ def wait_for_worker_jobs(cluster, client, *, jobs: int, workers_per_job: int, ti
             f"{time.monotonic() - started:.0f} s; the run starts without them, and they join "
             "when they start")
     return connected
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        print(scheduler_interface(sys.argv[1] if len(sys.argv) > 1 else None))
+    except ParameterError as error:
+        sys.exit(f"error: {error}")

@@ -6,7 +6,7 @@ namespace), its own ``/etc/hosts``, Slurm ``TmpFS`` and ``/root/.ssh`` (mount na
 own sshd and its own ``slurmd -N nI``; slurmctld runs on n0. A ``login`` namespace at 192.0.2.2
 is not a compute node: the client commands (``sbatch``, ``rainforest ...``) run there, as a
 user's would on a login node. No namespace has a default route, like compute nodes without
-internet. Every hostname resolves to 127.0.1.1 on its own machine, as Debian writes it.
+internet. The login node's own name resolves to 127.0.1.1 there, as Debian writes it.
 
 Munged runs in the root namespace (its socket is a file every namespace sees), and the
 filesystem is shared, as a cluster's scratch is. Each namespace is held open by a ``sleep``
@@ -151,11 +151,13 @@ class MultiNode:
 
     def _hosts_file(self, host: str) -> Path:
         path = self.root / f"hosts-{host}"
-        lines = ["127.0.0.1 localhost", f"127.0.1.1 {host}",
-                 *(f"{address} {name}" for name, address in self.addresses.items()
-                   if name != host)]
-        if host != "login":
-            lines.append(f"{LOGIN_ADDRESS} login")
+        # The login node's own name is Debian's 127.0.1.1; the nodes' names are their cluster
+        # addresses everywhere, as a site's generated /etc/hosts has them. (Gloo under
+        # horovodrun fails between nodes whose own names resolve to 127.0.1.1, even with
+        # --network-interface: a peer then connects to 127.0.1.1.)
+        lines = ["127.0.0.1 localhost",
+                 *(f"{address} {name}" for name, address in self.addresses.items())]
+        lines.append(f"127.0.1.1 {host}" if host == "login" else f"{LOGIN_ADDRESS} login")
         path.write_text("\n".join(lines) + "\n")
         return path
 
@@ -282,15 +284,20 @@ class MultiNode:
     # ------------------------------------------------------------------ use
     def run(self, *command: str, host: str = "login", check: bool = True,
             **kwargs) -> subprocess.CompletedProcess:
-        """``command`` on ``host`` (the login namespace by default), with this cluster's
-        environment unless ``env`` is given."""
-        return subprocess.run([*self.enter(host), *command], env=kwargs.pop("env", self.env),
-                              capture_output=True, text=True, check=check, **kwargs)
+        """``command`` on ``host`` (the login namespace by default), in ``cwd`` (default: this
+        process's), with this cluster's environment unless ``env`` is given."""
+        # nsenter --mount starts in / unless told where.
+        folder = f"--wd={kwargs.pop('cwd', None) or os.getcwd()}"
+        return subprocess.run([*self.enter(host), folder, *command],
+                              env=kwargs.pop("env", self.env), capture_output=True, text=True,
+                              check=check, **kwargs)
 
-    def submit(self, script: str, *args: str, script_args=(), env: dict | None = None) -> str:
-        """``sbatch --parsable ARGS SCRIPT SCRIPT_ARGS`` from the login node; the job id."""
+    def submit(self, script: str, *args: str, script_args=(), env: dict | None = None,
+               cwd: str | None = None) -> str:
+        """``sbatch --parsable ARGS SCRIPT SCRIPT_ARGS`` from the login node, in ``cwd``
+        (the job's submit folder); returns the job id."""
         result = self.run("sbatch", "--parsable", *args, script, *script_args,
-                          env={**self.env, **(env or {})})
+                          env={**self.env, **(env or {})}, cwd=cwd)
         return result.stdout.strip().split(";")[0]
 
     def job_field(self, job: str, name: str) -> str | None:

@@ -16,11 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import audiogen
-from conftest import RAINFOREST, assert_same_tree
+from conftest import RAINFOREST, TINY_TRAINING, assert_same_tree, checkpoint_weights, rank_env
 from multinode import MultiNode, available
+from rainforest import checkpoint
 from rainforest.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,3 +191,36 @@ def test_tcp_and_scheduler_file_clusters_use_workers_on_two_other_nodes(
         assert "preflight: 2 worker(s)" in output, output
         assert set(_shards_by_host(output)) == workers, output
         assert_same_tree(out, local_dataset)
+
+
+TRAIN = [*TINY_TRAINING, "--steps", "6", "--val-every", "6"]
+
+
+@pytest.fixture(scope="module")
+def one_node_weights(local_dataset, tmp_path_factory) -> dict:
+    """The same training with 2 ranks on one host (horovodrun over Gloo, no Slurm)."""
+    run = tmp_path_factory.mktemp("one-node") / "run"
+    result = subprocess.run(
+        [str(VENV / "bin/horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+         sys.executable, "-m", "rainforest.cli", "train", str(local_dataset), "--run", str(run),
+         *TRAIN], capture_output=True, text=True, env=rank_env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return checkpoint_weights(checkpoint.latest(str(run)))
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun", "horovodrun"])
+def test_train_sbatch_on_two_nodes_matches_two_ranks_on_one(launcher, nodes, local_dataset,
+                                                            one_node_weights, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    job = nodes.submit(str(REPO / "slurm/train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
+                       f"--output={log}", f"--chdir={tmp_path}", script_args=TRAIN,
+                       env=_env(nodes, DATASET=local_dataset, RUN=run, LAUNCHER=launcher),
+                       cwd=str(REPO))  # where a user submits from: the checkout
+    state = nodes.wait(job, timeout=400)
+    output = log.read_text() if log.exists() else "(no output file)"
+    assert state == "COMPLETED", output
+    assert "ranks on hosts: n0, n1" in output and "done: step 6 on 2 rank(s)" in output, output
+    weights = checkpoint_weights(checkpoint.latest(str(run)))
+    assert weights.keys() == one_node_weights.keys()
+    for name, value in weights.items():
+        assert np.array_equal(value, one_node_weights[name]), name
