@@ -35,7 +35,8 @@ def nodes():
     missing = available()
     if missing:
         pytest.fail(f"the multi-node cluster is needed: {missing}")
-    cluster = MultiNode(3).start()
+    # KillWait 30 s, as at many sites: a preempted job's ranks get that long to checkpoint.
+    cluster = MultiNode(3, kill_wait=30).start()
     yield cluster
     cluster.stop()
 
@@ -224,3 +225,27 @@ def test_train_sbatch_on_two_nodes_matches_two_ranks_on_one(launcher, nodes, loc
     assert weights.keys() == one_node_weights.keys()
     for name, value in weights.items():
         assert np.array_equal(value, one_node_weights[name]), name
+
+
+def test_a_two_node_train_job_requeued_mid_run_loses_and_repeats_no_step(nodes, local_dataset,
+                                                                        tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 200
+    # No periodic checkpoint: only the one written on SIGTERM can carry the run over.
+    job = nodes.submit(str(REPO / "slurm/train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
+                       f"--output={log}", f"--chdir={tmp_path}",
+                       script_args=(*TINY_TRAINING, "--steps", str(steps), "--val-every", "100",
+                                    "--checkpoint-every", "100000"),
+                       env=_env(nodes, DATASET=local_dataset, RUN=run), cwd=str(REPO))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no output"
+        time.sleep(0.2)
+    nodes.run("scontrol", "requeue", job)
+    state = nodes.wait(job, timeout=600)
+    output = log.read_text()
+    assert state == "COMPLETED" and nodes.job_field(job, "Restarts") == "1", output
+    assert "start 1," in output and "resuming" in output, output
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, steps + 1)), "a step was lost or repeated"
