@@ -249,3 +249,49 @@ def test_a_two_node_train_job_requeued_mid_run_loses_and_repeats_no_step(nodes, 
     assert "start 1," in output and "resuming" in output, output
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert logged == list(range(1, steps + 1)), "a step was lost or repeated"
+
+
+def _logged_steps(run: Path) -> list[int]:
+    metrics = run / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] \
+        if metrics.exists() else []
+
+
+def test_elastic_training_goes_on_after_a_node_loses_power(local_dataset, tmp_path):
+    """Two nodes of their own (this one loses a node): the link of n1 goes down first, so no
+    peer gets a reset, then every process on n1 dies. The horovodrun node's ssh keepalives
+    (tests/multinode.py's ssh config) let horovodrun see the rank as failed."""
+    cluster = MultiNode(2).start()
+    log = tmp_path / "elastic.log"
+    hosts, run = tmp_path / "hosts", tmp_path / "run"
+    hosts.write_text("n0:1\nn1:1\n")
+    process = subprocess.Popen(
+        [*cluster.enter("n0"), f"--wd={REPO}", "launch/elastic-local.sh", str(hosts),
+         str(local_dataset), "--run", str(run), *TINY_TRAINING, "--steps", "100000",
+         "--commit-every", "10", "--val-every", "100000"],
+        env={**rank_env(), **cluster.env, "NIC": "eth0"}, stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_logged_steps(run)) < 60:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        cut_at = _logged_steps(run)[-1]
+        cluster.power_cut("n1")
+        cut = time.monotonic()
+        while _logged_steps(run)[-1] < cut_at + 5:
+            assert time.monotonic() - cut < 90 and process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        seconds = time.monotonic() - cut
+        process.terminate()  # the ranks write a checkpoint and stop
+        process.wait(timeout=120)
+        text = log.read_text()
+        print(f"power cut at step {cut_at}: training again after {seconds:.1f} s")
+        assert "elastic: 1 rank(s), training from step" in text, text
+        steps = _logged_steps(run)
+        assert steps == list(range(1, steps[-1] + 1)), "a step was lost or logged twice"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        cluster.stop()
