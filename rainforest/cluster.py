@@ -23,7 +23,7 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from rainforest.config import Config, documented, setting
@@ -38,6 +38,9 @@ CLUSTER_HELP = (
 
 #: Seconds to wait for the first worker of a cluster we did not start ourselves.
 WORKER_WAIT_SECONDS = 60
+#: Seconds a running Slurm worker job gets to connect before it is reported; also how long
+#: the run waits for the rest of its worker jobs once the first one has connected.
+WORKER_CONNECT_SECONDS = 120
 
 
 @documented
@@ -93,9 +96,10 @@ class SlurmSettings(Config):
                 f"need 0 <= --slurm-min-jobs <= --slurm-max-jobs and --slurm-max-jobs >= 1, "
                 f"got {self.min_jobs} and {self.max_jobs}")
 
-    def cluster_arguments(self) -> dict:
+    def cluster_arguments(self, scheduler_interface: str | None = None) -> dict:
         """Keyword arguments for ``SLURMCluster``: only what was set, so jobqueue.yaml fills
-        the rest."""
+        the rest. ``scheduler_interface``, used when ``interface`` is unset, is for the
+        scheduler only: each worker then takes its route to the scheduler."""
         arguments = {name: getattr(self, name)
                      for name in ("queue", "account", "cores", "memory", "walltime", "interface")
                      if getattr(self, name) is not None}
@@ -112,8 +116,8 @@ class SlurmSettings(Config):
             arguments["worker_extra_args"] = ["--lifetime", self.lifetime,
                                               "--lifetime-stagger", "1m"]
         scheduler = {"dashboard_address": ":0"}
-        if self.interface:
-            scheduler["interface"] = self.interface
+        if self.interface or scheduler_interface:
+            scheduler["interface"] = self.interface or scheduler_interface
         arguments["scheduler_options"] = scheduler
         return arguments
 
@@ -125,10 +129,19 @@ def slurm_cluster(settings: SlurmSettings, *, quiet: bool = False):
             "--cluster slurm needs Slurm's sbatch, which is not on PATH: run on a login node "
             "of the cluster, or inside an allocation use slurm/preprocess.sbatch "
             "(--cluster scheduler-file:...)")
+    import dask.config
     from dask_jobqueue import SLURMCluster
 
+    from rainforest.slurmjobs import check_interface, scheduler_interface
+
+    # Where the scheduler listens must be known before the first job is submitted.
+    chosen = None
+    if settings.interface:
+        check_interface(settings.interface, settings.queue)
+    elif not dask.config.get("jobqueue.slurm.interface", None):
+        chosen = scheduler_interface(settings.queue)
     try:
-        cluster = SLURMCluster(**settings.cluster_arguments(),
+        cluster = SLURMCluster(**settings.cluster_arguments(chosen),
                                silence_logs="error" if quiet else "warning")
     except ValueError as error:
         raise ParameterError(
@@ -151,11 +164,12 @@ def _local_workers(spec: str) -> int:
 
 
 @contextlib.contextmanager
-def connect(spec: str = "local", *, settings: Config | None = None,
-            quiet: bool = False) -> Iterator[object | None]:
+def connect(spec: str = "local", *, settings: Config | None = None, quiet: bool = False,
+            log: Callable[[str], None] = print) -> Iterator[object | None]:
     """Yield a ``distributed.Client`` for ``spec`` (None for ``sync``), closed afterwards.
 
-    ``settings`` are the spec's own (a :class:`SlurmSettings` for ``slurm``).
+    ``settings`` are the spec's own (a :class:`SlurmSettings` for ``slurm``); ``log`` gets
+    what the user must know about the cluster (worker jobs that failed, how many joined).
 
     Examples
     --------
@@ -179,9 +193,14 @@ def connect(spec: str = "local", *, settings: Config | None = None,
     if spec == "slurm":
         settings = settings if isinstance(settings, SlurmSettings) else SlurmSettings()
         with slurm_cluster(settings, quiet=quiet) as cluster, Client(cluster) as client:
-            _wait_for_a_worker(client, settings.start_timeout,
-                               "no Slurm worker job started; see `squeue --me` and the job's "
-                               "output file for why")
+            from rainforest.slurmjobs import wait_for_worker_jobs
+
+            workers = wait_for_worker_jobs(
+                cluster, client, jobs=settings.min_jobs or 1,
+                workers_per_job=settings.processes or settings.cores or 1,
+                timeout=settings.start_timeout, connect_seconds=WORKER_CONNECT_SECONDS, log=log)
+            log(f"slurm: {workers} worker(s) connected to the scheduler at "
+                f"{client.scheduler.address}")
             yield client
         return
     if spec == "ec2":

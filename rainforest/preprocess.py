@@ -222,8 +222,10 @@ def _load_plan(out: str, config: AudioConfig) -> dict[str, Any] | None:
 
 
 def _run_bag(client, function: Callable, items: list, *, description: str, unit: str,
-             progress: bool) -> list:
-    """Map ``function`` over ``items`` with a Dask bag, one item per partition, in order."""
+             progress: bool, where: dict[str, int] | None = None) -> list:
+    """Map ``function`` over ``items`` with a Dask bag, one item per partition, in order.
+
+    ``where``, if given, counts the items done by each worker address."""
     import dask.bag as db
     from tqdm.auto import tqdm
 
@@ -245,6 +247,10 @@ def _run_bag(client, function: Callable, items: list, *, description: str, unit:
         for future in as_completed(futures):
             results[index_of[future.key]] = future.result()[0]
             bar.update(1)
+        if where is not None:
+            for holders in client.who_has(futures).values():
+                for address in holders[:1]:  # where it was computed, unless copied since
+                    where[address] = where.get(address, 0) + 1
     return results
 
 
@@ -312,7 +318,8 @@ def preprocess(
     old_plan = _load_plan(out, config)
     storage.remove_stale_staging(storage.join(out, SHARD_DIR))
 
-    with connect(cluster, settings=cluster_settings, quiet=not progress) as client:
+    workers: dict[str, int] = {}
+    with connect(cluster, settings=cluster_settings, quiet=not progress, log=log) as client:
         if client is not None:
             log(f"Dask dashboard: {client.dashboard_link}")
         checked = preflight(client, reads=[storage.canonical(s) for s in sources], write=out)
@@ -328,7 +335,11 @@ def preprocess(
             return process_shard(shard, out=out, config=config)
 
         new_records = _run_bag(client, process, plan.pending, description="preprocess",
-                               unit="shard", progress=progress)
+                               unit="shard", progress=progress, where=workers)
+    if workers:
+        log(f"{len(new_records)} shard(s) built by {len(workers)} worker(s):")
+        for address, count in sorted(workers.items()):
+            log(f"  worker {address}: {count} shard(s)")
     # A worker killed mid-shard leaves its staging file; its task was redone elsewhere.
     storage.remove_stale_staging(storage.join(out, SHARD_DIR))
     records = {**plan.records, **{record["name"]: record for record in new_records}}
@@ -337,7 +348,7 @@ def preprocess(
     manifest = build_manifest(config, records, unreadable, plan.duplicates)
     with storage.reported(f"writing the manifest of {out}"):
         storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
-    return _summary(out, manifest, new_records, plan, time.perf_counter() - started)
+    return _summary(out, manifest, new_records, plan, time.perf_counter() - started, workers)
 
 
 @dataclass
@@ -373,7 +384,7 @@ def _plan_run(client, listed, out: str, config: AudioConfig, old_plan, *, songs_
 
 
 def _summary(out: str, manifest: dict[str, Any], new_records: list[dict[str, Any]],
-             plan: _RunPlan, elapsed: float) -> dict[str, Any]:
+             plan: _RunPlan, elapsed: float, workers: dict[str, int]) -> dict[str, Any]:
     processed_seconds = sum(s["source_seconds"] for r in new_records for s in r["songs"])
     return {
         "dataset": out,
@@ -386,6 +397,7 @@ def _summary(out: str, manifest: dict[str, Any], new_records: list[dict[str, Any
         "skipped_songs": plan.skipped,
         "elapsed_seconds": elapsed,
         "realtime_factor": processed_seconds / elapsed if elapsed > 0 else 0.0,
+        "workers": workers,  # shards built by each worker address this run
     }
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -496,6 +497,7 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
                 sampling=sampling)
         else:
             writer = RankZeroLog(run, rank, progress=progress, log=log)
+            say(f"ranks on hosts: {', '.join(hvd.allgather_object(socket.gethostname()))}")
             unigram = None
             if data.validation is not None:
                 unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)

@@ -16,9 +16,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # --- system packages -------------------------------------------------------------------
 # g++/make/cmake build Horovod; OpenMPI is its MPI controller. Slurm (slurmctld, slurmd, the
 # client commands), munge and PMIx: the tests start a real single-node Slurm, and a login node
-# needs sbatch for --cluster slurm. Nothing is started or configured system-wide. chromium
+# needs sbatch for --cluster slurm. openssh-server, openssh-client and iproute2: the
+# multi-node tests give each simulated node (a network namespace) its own sshd. Nothing is started or configured system-wide. chromium
 # (headless) opens the `rainforest report` page in its test.
-SYSTEM_PACKAGES="g++ make openmpi-bin libopenmpi-dev slurmctld slurmd slurm-client munge libpmix-dev chromium"
+SYSTEM_PACKAGES="g++ make openmpi-bin libopenmpi-dev slurmctld slurmd slurm-client munge libpmix-dev openssh-server openssh-client iproute2 chromium"
 missing=""
 for pkg in $SYSTEM_PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"

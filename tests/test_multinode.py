@@ -1,0 +1,297 @@
+"""Every cluster path across nodes that have their own names and addresses.
+
+One cluster of three namespaced nodes (n0, n1, n2) and a login namespace serves the whole
+module (:mod:`multinode`); the client commands run on the login node, which has no default
+route, like a login node inside a site's network. Each node has 1 CPU, so each 1-core job gets
+a node of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import audiogen
+from conftest import RAINFOREST, TINY_TRAINING, assert_same_tree, checkpoint_weights, rank_env
+from multinode import MultiNode, available
+from rainforest import checkpoint
+from rainforest.preprocess import preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multinode]
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    missing = available()
+    if missing:
+        pytest.fail(f"the multi-node cluster is needed: {missing}")
+    # KillWait 30 s, as at many sites: a preempted job's ranks get that long to checkpoint.
+    cluster = MultiNode(3, kill_wait=30).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("multinode-songs")
+    for index in range(6):
+        audiogen.write_song(folder / f"song{index}.flac", seconds=1.0 + 0.2 * index,
+                            rate=22050, channels=1 + index % 2, leading_silence=0.2,
+                            trailing_silence=0.3, freq=200.0 + 50 * index, seed=index)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_dataset(songs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("multinode-local") / "dataset"
+    preprocess([str(songs)], str(out), cluster="sync", songs_per_shard=1, progress=False,
+               log=lambda line: None)
+    return out
+
+
+def _env(nodes: MultiNode, **values) -> dict:
+    return {**nodes.env, "VENV": str(VENV), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+            **{k: str(v) for k, v in values.items()}}
+
+
+def _shards_by_host(output: str) -> dict[str, int]:
+    """The run's own account of where its shards ran: "worker tcp://HOST:PORT: N shard(s)"."""
+    counts: dict[str, int] = {}
+    for host, count in re.findall(r"worker tcp://([\d.]+):\d+: (\d+) shard", output):
+        counts[host] = counts.get(host, 0) + int(count)
+    return counts
+
+
+@pytest.mark.parametrize("interface", [None, "eth0"], ids=["no-interface", "eth0"])
+def test_cluster_slurm_from_the_login_node_uses_workers_on_both_nodes(interface, nodes, songs,
+                                                                      local_dataset, tmp_path):
+    out = tmp_path / "dataset"
+    flags = ["--slurm-interface", interface] if interface else []
+    result = _preprocess_on_slurm(nodes, songs, out, tmp_path, *flags)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "slurm: 2 worker(s) connected" in output, output
+    used = _shards_by_host(output)
+    assert len(used) == 2 and set(used) <= set(nodes.addresses.values()), output
+    assert_same_tree(out, local_dataset)
+
+
+def _preprocess_on_slurm(nodes: MultiNode, songs: Path, out: Path, folder: Path, *flags: str):
+    return nodes.run(
+        *RAINFOREST, "preprocess", str(songs), "--out", str(out), "--cluster", "slurm",
+        "--no-progress", "--songs-per-shard", "1", "--slurm-cores", "1",
+        "--slurm-memory", "500MB", "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
+        "--slurm-max-jobs", "2", "--slurm-start-timeout", "60",
+        f"--slurm-directive=--chdir={folder}", *flags,
+        env=_env(nodes), check=False, cwd=folder, timeout=300)
+
+
+def test_a_worker_job_that_fails_is_named_with_its_output_file(nodes, songs, local_dataset,
+                                                               tmp_path):
+    out = tmp_path / "dataset"
+    result = _preprocess_on_slurm(nodes, songs, out, tmp_path,
+                                  '--slurm-prologue=[ "$(hostname)" != n1 ] || exit 3')
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    failed = re.findall(r"worker job (\d+) \(\w+, exit code 3:0, on n1\) ended before its worker "
+                        r"connected; its output: (\S+)", output)
+    assert failed, output
+    for job, log in failed:
+        assert log == str(tmp_path / f"slurm-{job}.out"), output
+    assert "slurm: 1 worker(s) connected" in output, output
+    assert len(_shards_by_host(output)) == 1, output
+    assert_same_tree(out, local_dataset)
+
+
+def test_a_loopback_interface_for_remote_nodes_is_refused_before_any_job(nodes, songs,
+                                                                         tmp_path):
+    before = nodes.run("squeue", "-h", "-o", "%i").stdout.split()
+    jobs_before = len(nodes.completed_jobs())
+    result = _preprocess_on_slurm(nodes, songs, tmp_path / "dataset", tmp_path,
+                                  "--slurm-interface", "lo")
+    assert result.returncode != 0
+    assert "--slurm-interface lo is loopback, and the node at 192.0.2.1" in result.stderr
+    assert "nothing was submitted" in result.stderr and "eth0 (192.0.2.2" in result.stderr
+    assert nodes.run("squeue", "-h", "-o", "%i").stdout.split() == before
+    assert len(nodes.completed_jobs()) == jobs_before
+
+
+def test_preprocess_sbatch_on_two_nodes_gives_the_dataset_of_a_local_run(nodes, songs,
+                                                                        local_dataset, tmp_path):
+    out, log = tmp_path / "dataset", tmp_path / "job.out"
+    job = nodes.submit(str(REPO / "slurm/preprocess.sbatch"), "--nodes=2", "--ntasks=2",
+                       "--mem-per-cpu=200M", f"--output={log}", f"--chdir={tmp_path}",
+                       script_args=("--songs-per-shard", "1"),
+                       env=_env(nodes, SONGS=songs, OUT=out, SHARED_TMP=tmp_path))
+    state = nodes.wait(job, timeout=200)
+    output = log.read_text() if log.exists() else "(no output file)"
+    assert state == "COMPLETED", output
+    assert "preflight: 2 worker(s)" in output, output
+    used = _shards_by_host(output)
+    assert len(used) == 2 and set(used) <= set(nodes.addresses.values()), output
+    assert_same_tree(out, local_dataset)
+
+
+@pytest.fixture
+def dask_on_nodes(nodes, tmp_path):
+    """A `dask scheduler` on n0 (on eth0, as a user on a node without a default route must
+    ask) and one `dask worker` on each of n1 and n2; yields the scheduler file."""
+    scheduler_file = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m"]
+    processes = [subprocess.Popen(
+        [*nodes.enter("n0"), *dask, "distributed.cli.dask_scheduler", "--interface", "eth0",
+         "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert scheduler_file.exists(), "the scheduler did not start"
+        for host in ("n1", "n2"):
+            processes.append(subprocess.Popen(
+                [*nodes.enter(host), *dask, "distributed.cli.dask_worker", "--scheduler-file",
+                 str(scheduler_file), "--nthreads", "1", "--name", host, "--no-dashboard"],
+                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        nodes.run(sys.executable, "-c", "import sys; from distributed import Client\n"
+                  "with Client(scheduler_file=sys.argv[1], timeout='30s') as c:\n"
+                  "    c.wait_for_workers(2, timeout=90)", str(scheduler_file), cwd=tmp_path,
+                  timeout=150)
+        yield scheduler_file
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_tcp_and_scheduler_file_clusters_use_workers_on_two_other_nodes(
+        nodes, dask_on_nodes, songs, local_dataset, tmp_path):
+    address = json.loads(dask_on_nodes.read_text())["address"]
+    assert address.startswith(f"tcp://{nodes.addresses['n0']}:"), address
+    workers = {nodes.addresses["n1"], nodes.addresses["n2"]}
+    for spec in (address, f"scheduler-file:{dask_on_nodes}"):
+        out = tmp_path / f"dataset-{len(spec)}"
+        result = nodes.run(*RAINFOREST, "preprocess", str(songs), "--out", str(out),
+                           "--cluster", spec, "--no-progress", "--songs-per-shard", "1",
+                           env=_env(nodes), check=False, cwd=tmp_path, timeout=300)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "preflight: 2 worker(s)" in output, output
+        assert set(_shards_by_host(output)) == workers, output
+        assert_same_tree(out, local_dataset)
+
+
+TRAIN = [*TINY_TRAINING, "--steps", "6", "--val-every", "6"]
+
+
+@pytest.fixture(scope="module")
+def one_node_weights(local_dataset, tmp_path_factory) -> dict:
+    """The same training with 2 ranks on one host (horovodrun over Gloo, no Slurm)."""
+    run = tmp_path_factory.mktemp("one-node") / "run"
+    result = subprocess.run(
+        [str(VENV / "bin/horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
+         sys.executable, "-m", "rainforest.cli", "train", str(local_dataset), "--run", str(run),
+         *TRAIN], capture_output=True, text=True, env=rank_env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return checkpoint_weights(checkpoint.latest(str(run)))
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun", "horovodrun"])
+def test_train_sbatch_on_two_nodes_matches_two_ranks_on_one(launcher, nodes, local_dataset,
+                                                            one_node_weights, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    job = nodes.submit(str(REPO / "slurm/train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
+                       f"--output={log}", f"--chdir={tmp_path}", script_args=TRAIN,
+                       env=_env(nodes, DATASET=local_dataset, RUN=run, LAUNCHER=launcher),
+                       cwd=str(REPO))  # where a user submits from: the checkout
+    state = nodes.wait(job, timeout=400)
+    output = log.read_text() if log.exists() else "(no output file)"
+    assert state == "COMPLETED", output
+    assert "ranks on hosts: n0, n1" in output and "done: step 6 on 2 rank(s)" in output, output
+    weights = checkpoint_weights(checkpoint.latest(str(run)))
+    assert weights.keys() == one_node_weights.keys()
+    for name, value in weights.items():
+        assert np.array_equal(value, one_node_weights[name]), name
+
+
+def test_a_two_node_train_job_requeued_mid_run_loses_and_repeats_no_step(nodes, local_dataset,
+                                                                        tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 200
+    # No periodic checkpoint: only the one written on SIGTERM can carry the run over.
+    job = nodes.submit(str(REPO / "slurm/train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
+                       f"--output={log}", f"--chdir={tmp_path}",
+                       script_args=(*TINY_TRAINING, "--steps", str(steps), "--val-every", "100",
+                                    "--checkpoint-every", "100000"),
+                       env=_env(nodes, DATASET=local_dataset, RUN=run), cwd=str(REPO))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no output"
+        time.sleep(0.2)
+    nodes.run("scontrol", "requeue", job)
+    state = nodes.wait(job, timeout=600)
+    output = log.read_text()
+    assert state == "COMPLETED" and nodes.job_field(job, "Restarts") == "1", output
+    assert "start 1," in output and "resuming" in output, output
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged == list(range(1, steps + 1)), "a step was lost or repeated"
+
+
+def _logged_steps(run: Path) -> list[int]:
+    metrics = run / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] \
+        if metrics.exists() else []
+
+
+def test_elastic_training_goes_on_after_a_node_loses_power(local_dataset, tmp_path):
+    """Two nodes of their own (this one loses a node): the link of n1 goes down first, so no
+    peer gets a reset, then every process on n1 dies. The horovodrun node's ssh keepalives
+    (tests/multinode.py's ssh config) let horovodrun see the rank as failed."""
+    cluster = MultiNode(2).start()
+    log = tmp_path / "elastic.log"
+    hosts, run = tmp_path / "hosts", tmp_path / "run"
+    hosts.write_text("n0:1\nn1:1\n")
+    process = subprocess.Popen(
+        [*cluster.enter("n0"), f"--wd={REPO}", "launch/elastic-local.sh", str(hosts),
+         str(local_dataset), "--run", str(run), *TINY_TRAINING, "--steps", "100000",
+         "--commit-every", "10", "--val-every", "100000"],
+        env={**rank_env(), **cluster.env, "NIC": "eth0"}, stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while len(_logged_steps(run)) < 60:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        cut_at = _logged_steps(run)[-1]
+        cluster.power_cut("n1")
+        cut = time.monotonic()
+        while _logged_steps(run)[-1] < cut_at + 5:
+            assert time.monotonic() - cut < 90 and process.poll() is None, log.read_text()
+            time.sleep(0.2)
+        seconds = time.monotonic() - cut
+        process.terminate()  # the ranks write a checkpoint and stop
+        process.wait(timeout=120)
+        text = log.read_text()
+        print(f"power cut at step {cut_at}: training again after {seconds:.1f} s")
+        assert "elastic: 1 rank(s), training from step" in text, text
+        steps = _logged_steps(run)
+        assert steps == list(range(1, steps[-1] + 1)), "a step was lost or logged twice"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        cluster.stop()
