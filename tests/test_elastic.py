@@ -34,6 +34,8 @@ COMMIT_EVERY = 5
 STARTUP_TIMEOUT = 240
 #: The bound this project states for a non-elastic job to end after a lost rank.
 LOST_RANK_EXIT_BOUND = 60
+#: Steps the two ranks train together after a rejoin before the test stops the job.
+TOGETHER_STEPS = 10
 
 
 
@@ -100,7 +102,9 @@ class Job:
 
     def finish(self, timeout: float) -> int:
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
+            self._reader.join(30)  # every line it wrote, read
+            return code
         except subprocess.TimeoutExpired:
             self.kill()
             pytest.fail(f"the job did not end within {timeout} s:\n{self.output[-4000:]}")
@@ -141,10 +145,12 @@ def _loaded_digest(folder: str) -> str:
 
 def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_dataset, tmp_path,
                                                                    jobs):
-    steps, run, hosts = 400, tmp_path / "run", tmp_path / "hosts"
+    # Open-ended: the job runs until the test stops it, so no fixed budget of steps races
+    # the rejoin.
+    run, hosts = tmp_path / "run", tmp_path / "hosts"
     _write_hosts(hosts, "localhost", "127.0.0.1")
     job = Job([ROOT / "launch" / "elastic-local.sh", hosts, periodic_dataset, "--run", run,
-               *TINY_TRAINING, "--target-length", "1024", "--steps", steps,
+               *TINY_TRAINING, "--target-length", "1024", "--steps", 1_000_000,
                "--commit-every", COMMIT_EVERY, "--checkpoint-every", 100, "--log-every", 1,
                "--val-every", 200], COOLDOWN="1 2")
     jobs.append(job)
@@ -173,7 +179,20 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     rejoined_at, match = job.wait_for("the rank re-joining", lambda: job.line_matching(
         r"elastic: 2 rank\(s\), training from step (\d+)", after=resumed_at), 180)
     joined_from = int(match.group(1))
+    job.wait_for(f"{TOGETHER_STEPS} steps on 2 ranks after the rejoin", lambda: sum(
+        row.get("ranks") == 2 and row["step"] > joined_from
+        for row in runlog.read_metrics(str(run))) >= TOGETHER_STEPS, 180)
+    # Stop as a batch system does: SIGTERM to every rank. The ranks agree on the step to stop
+    # at (an allreduce of the request), S, write a checkpoint there and end cleanly.
+    ranks = job.ranks()
+    assert len(ranks) == 2, ranks
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
     assert job.finish(STARTUP_TIMEOUT) == 0, job.output[-4000:]
+    stop = job.line_matching(r"stopped by SIGTERM at step (\d+)")
+    assert stop, job.output[-4000:]
+    steps = int(stop[1].group(1))
+    assert steps >= joined_from + TOGETHER_STEPS
     assert "Process 0 exit with status code 137" in job.output  # horovodrun saw rank 0 die
     print(f"\nrank loss: training went on {resumed_at - killed_at:.2f} s after the SIGKILL, "
           f"from step {rolled_back_to} (steps repeated: {repeated}, commit "
