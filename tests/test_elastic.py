@@ -34,6 +34,10 @@ COMMIT_EVERY = 5
 STARTUP_TIMEOUT = 240
 #: The bound this project states for a non-elastic job to end after a lost rank.
 LOST_RANK_EXIT_BOUND = 60
+#: Seconds a rank waits at a rendezvous for the others (elastic-local.sh's default is 10): a
+#: rank joining on a loaded machine needs longer to import TensorFlow and reach it. A lost
+#: rank is still noticed at once (its connections reset).
+GLOO_TIMEOUT = 90
 #: Steps the two ranks train together after a rejoin before the test stops the job.
 TOGETHER_STEPS = 10
 
@@ -152,7 +156,7 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     job = Job([ROOT / "launch" / "elastic-local.sh", hosts, periodic_dataset, "--run", run,
                *TINY_TRAINING, "--target-length", "1024", "--steps", 1_000_000,
                "--commit-every", COMMIT_EVERY, "--checkpoint-every", 100, "--log-every", 1,
-               "--val-every", 200], COOLDOWN="1 2")
+               "--val-every", 200], COOLDOWN="1 2", GLOO_TIMEOUT=str(GLOO_TIMEOUT))
     jobs.append(job)
     job.wait_for("2 ranks training", lambda: last_logged_step(str(run)) >= 6 * COMMIT_EVERY + 2,
                  STARTUP_TIMEOUT)
@@ -182,14 +186,12 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     job.wait_for(f"{TOGETHER_STEPS} steps on 2 ranks after the rejoin", lambda: sum(
         row.get("ranks") == 2 and row["step"] > joined_from
         for row in runlog.read_metrics(str(run))) >= TOGETHER_STEPS, 180)
-    # Stop as a batch system does: SIGTERM to every rank. The ranks agree on the step to stop
-    # at (an allreduce of the request), S, write a checkpoint there and end cleanly.
-    ranks = job.ranks()
-    assert len(ranks) == 2, ranks
-    for rank in ranks:
-        rank.send_signal(signal.SIGTERM)
+    # SIGTERM to rank 1 only: the ranks agree on the step to stop at (an allreduce of the
+    # request), S, so rank 0 stops there too, writes a checkpoint and both end cleanly.
+    assert len(job.ranks()) == 2, job.ranks()
+    job.rank_where(HOROVOD_RANK="1").send_signal(signal.SIGTERM)
     assert job.finish(STARTUP_TIMEOUT) == 0, job.output[-4000:]
-    stop = job.line_matching(r"stopped by SIGTERM at step (\d+)")
+    stop = job.line_matching(r"stopped by another rank at step (\d+)")
     assert stop, job.output[-4000:]
     steps = int(stop[1].group(1))
     assert steps >= joined_from + TOGETHER_STEPS
