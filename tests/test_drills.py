@@ -60,7 +60,8 @@ def test_files_too_short_fail_as_too_short(tmp_path, frames, rate):
     songs = tmp_path / "songs"
     songs.mkdir()
     audiogen.write_samples(songs / "short.wav", np.full((frames, 1), 0.5, np.float32), rate)
-    _preprocess([songs], tmp_path / "data", check=False)
+    result = _preprocess([songs], tmp_path / "data", check=False)
+    assert result.returncode == 3, result.stdout + result.stderr  # songs failed, none lost
     reason = read_manifest(str(tmp_path / "data"))["failed"][0]["reason"]
     assert reason.startswith("too short:"), reason
     assert f"{frames} frame(s) at {rate} Hz" in reason
