@@ -82,6 +82,10 @@ class TrainConfig(Config):
     commit_every: int = setting(10, "with --elastic: keep a copy of the state in memory every N "
                                 "steps (and at each checkpoint); a lost rank costs the steps "
                                 "since the last one")
+    verify_shards: bool = setting(False, "hash every shard against the manifest before "
+                                  "training, even one the hash cache knows unchanged (it "
+                                  "cannot see bit rot below the file system)",
+                                  flag="--verify-shards")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "target_length", "checkpoint_every",
@@ -352,6 +356,10 @@ def _differences(saved: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str
             for name, value in sorted(asked.items()) if saved.get(name) != value]
 
 
+#: Settings a resumed run takes from the command that resumes it, not from its checkpoint.
+_PER_INVOCATION = ("steps", "verify_shards")
+
+
 def start_state(run: str, dataset: Dataset, *, model_config: ModelConfig | None,
                 config: TrainConfig | None, overrides: Mapping[str, Any], resume: bool,
                 condition: bool, log) -> TrainingState:
@@ -375,14 +383,14 @@ def start_state(run: str, dataset: Dataset, *, model_config: ModelConfig | None,
     state = TrainingState.from_checkpoint(checkpoint.latest(run))
     asked = {**(config.to_dict() if config else {}), **overrides}
     ignored = _differences(state.train.to_dict(), {k: v for k, v in asked.items()
-                                                   if k != "steps"})
+                                                   if k not in _PER_INVOCATION})
     if model_config is not None and model_config != state.model:
         ignored += _differences(state.model.to_dict(), model_config.to_dict())
     if ignored:
         log(f"warning: --resume keeps the settings {state.resumed_from} was trained with; "
             f"ignoring {', '.join(ignored)}. Start a new --run to change them")
-    if "steps" in asked:
-        state.train = dataclasses.replace(state.train, steps=asked["steps"])
+    state.train = dataclasses.replace(state.train, **{k: v for k, v in asked.items()
+                                                      if k in _PER_INVOCATION})
     return state
 
 
@@ -422,7 +430,7 @@ def training_input(dataset: Dataset, state: TrainingState, *, rank: int,
                                      validation_fraction=config.validation_fraction)
     label_ids = {name: i for i, name in enumerate(model.labels)} or None
     share = rank_share(training, rank=rank, size=size)
-    dataset.verify_shards(song.shard for song in share + held_out)
+    dataset.verify_shards((song.shard for song in share + held_out), full=config.verify_shards)
     sampler = WindowSampler(dataset, share,
                             window=window, target_length=config.target_length,
                             batch_size=config.batch_size, seed=config.seed, rank=rank,
