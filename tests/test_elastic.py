@@ -314,19 +314,25 @@ def test_discover_hosts_prints_the_hosts_file_as_horovod_reads_it(tmp_path):
 
 
 @pytest.mark.slurm
-def test_slurm_discovery_lists_the_jobs_nodes_and_leaves_out_drained_ones(tmp_path):
+def test_slurm_discovery_leaves_out_a_node_slurm_drains_and_excluded_ones(tmp_path):
     from localslurm import LocalSlurm, available
 
     missing = available()
     if missing:
         pytest.fail(f"a real Slurm is needed: {missing}")
-    drained = tmp_path / "drained"
-    drained.write_text("localhost\n")
+    excluded = tmp_path / "excluded"
+    excluded.write_text("localhost\n")
+    discover = ROOT / "launch" / "slurm-discover.sh"
+    # The job drains its own node with Slurm, as an administrator would, and resumes it.
     script = tmp_path / "discover.sbatch"
     script.write_text(
-        f"#!/bin/bash\n{ROOT}/launch/slurm-discover.sh > {tmp_path}/all.txt\n"
-        f"SLURM_DISCOVER_EXCLUDE={drained} {ROOT}/launch/slurm-discover.sh "
-        f"> {tmp_path}/drained.txt\n")
+        f"#!/bin/bash\n{discover} > {tmp_path}/all.txt\n"
+        "scontrol update NodeName=localhost State=DRAIN Reason=drill\n"
+        f"sinfo -h -N -o '%N %T' > {tmp_path}/state.txt\n"
+        f"{discover} > {tmp_path}/drained.txt\n"
+        "scontrol update NodeName=localhost State=RESUME\n"
+        f"{discover} > {tmp_path}/resumed.txt\n"
+        f"SLURM_DISCOVER_EXCLUDE={excluded} {discover} > {tmp_path}/excluded.txt\n")
     cluster = LocalSlurm(cpus=2).start()
     try:
         job = cluster.submit(str(script), "--ntasks=2", f"--output={tmp_path}/job.out")
@@ -334,7 +340,10 @@ def test_slurm_discovery_lists_the_jobs_nodes_and_leaves_out_drained_ones(tmp_pa
     finally:
         cluster.stop()
     assert (tmp_path / "all.txt").read_text().split() == ["localhost:2"]
+    assert "drain" in (tmp_path / "state.txt").read_text().lower()  # Slurm really drained it
     assert (tmp_path / "drained.txt").read_text() == ""
+    assert (tmp_path / "resumed.txt").read_text().split() == ["localhost:2"]
+    assert (tmp_path / "excluded.txt").read_text() == ""
 
 
 def test_stall_watchdog_waits_for_the_first_step_then_ends_a_stalled_process():
