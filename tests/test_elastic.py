@@ -186,10 +186,12 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     job.wait_for(f"{TOGETHER_STEPS} steps on 2 ranks after the rejoin", lambda: sum(
         row.get("ranks") == 2 and row["step"] > joined_from
         for row in runlog.read_metrics(str(run))) >= TOGETHER_STEPS, 180)
-    # SIGTERM to rank 1 only: the ranks agree on the step to stop at (an allreduce of the
-    # request), S, so rank 0 stops there too, writes a checkpoint and both end cleanly.
+    # SIGTERM to the joiner only (rank 1 now; the survivor became rank 0, so the ranks that
+    # processes started with no longer tell): the ranks agree on the step to stop at (an
+    # allreduce of the request), S, so rank 0 stops there too, writes a checkpoint and both
+    # end cleanly.
     assert len(job.ranks()) == 2, job.ranks()
-    job.rank_where(HOROVOD_RANK="1").send_signal(signal.SIGTERM)
+    job.rank_where(HOROVOD_HOSTNAME=host).send_signal(signal.SIGTERM)
     assert job.finish(STARTUP_TIMEOUT) == 0, job.output[-4000:]
     stop = job.line_matching(r"stopped by another rank at step (\d+)")
     assert stop, job.output[-4000:]
