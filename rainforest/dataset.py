@@ -147,11 +147,12 @@ class Dataset:
             self._mapped[name] = codes
         return self._mapped[name]
 
-    def verify_shards(self, names) -> None:
+    def verify_shards(self, names, *, full: bool = False) -> None:
         """Check shards against the manifest's sha256 before they are trained on.
 
-        Local shards are hashed once per change (:func:`rainforest.storage.verified_sha256`);
-        remote ones are checked when they are downloaded into the cache.
+        Local shards are hashed once per change (:func:`rainforest.storage.verified_sha256`),
+        or every time with ``full``; remote ones are checked when they are downloaded into
+        the cache.
 
         Raises
         ------
@@ -166,7 +167,7 @@ class Dataset:
             if not os.path.exists(url):
                 raise DatasetFormatError(f"{url} is missing; the dataset is damaged. Re-run "
                                          "`rainforest preprocess` into a new folder")
-            if storage.verified_sha256(url) != shard["sha256"]:
+            if storage.verified_sha256(url, trust_cache=not full) != shard["sha256"]:
                 raise DatasetFormatError(
                     f"{url} does not match the sha256 in {MANIFEST_NAME}: the shard was "
                     "changed or damaged after preprocessing. Re-run `rainforest preprocess` "

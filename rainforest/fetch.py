@@ -716,10 +716,11 @@ def _download_all(pending: list[tuple[Source, str]], job: _Job,
                   save: Callable[[], None], save_every: float) -> None:
     """Run :func:`fetch_one` over ``pending`` on ``job.config.concurrency`` threads.
 
-    Results are recorded as they finish and saved at most every ``save_every`` seconds. Any
+    Results are recorded as they finish and saved at most every ``save_every`` seconds, and
+    no later than about ``save_every`` seconds after they finish. Any
     exception here (Ctrl-C) stops every thread at its next chunk or wait, then propagates.
     """
-    last_save = time.monotonic()
+    last_save, unsaved = time.monotonic(), False
     with ThreadPoolExecutor(max_workers=job.config.concurrency,
                             thread_name_prefix="fetch") as pool:
         futures = {pool.submit(fetch_one, source, target, job): source
@@ -737,9 +738,12 @@ def _download_all(pending: list[tuple[Source, str]], job: _Job,
                                   f"internal error ({type(error).__name__}): {error}; "
                                   "please report it"}
                     record(futures[future], result)
-                if done and time.monotonic() - last_save >= save_every:
+                    unsaved = True
+                # On the timer, not only when a file finishes: a finished file's record
+                # must not wait in memory while long downloads go on.
+                if unsaved and time.monotonic() - last_save >= save_every:
                     save()
-                    last_save = time.monotonic()
+                    last_save, unsaved = time.monotonic(), False
         except BaseException:
             job.stop.set()
             for future in futures:

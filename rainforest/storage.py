@@ -188,14 +188,18 @@ def _walk_local(root: str) -> list[SourceFile]:
     return listed
 
 
-def verified_sha256(path: str) -> str:
-    """sha256 of the local file ``path``, remembered by size and modification time.
+def verified_sha256(path: str, *, trust_cache: bool = True) -> str:
+    """sha256 of the local file ``path``, remembered by size, mtime, inode and ctime.
 
     The cache (``cache_root()/verified-sha256.json``) lets a re-run skip re-hashing files that
-    have not changed; any change of size or mtime hashes the file again.
+    have not changed. Any write through the file system changes the ctime, which ``utime``
+    cannot set back, and a copy put in its place (``cp -p``, ``rsync -a``) has another inode,
+    so either is hashed again even with its old mtime. What the cache cannot see is a change
+    below the file system (bit rot on the disk): ``trust_cache=False`` hashes regardless.
     """
     info = os.stat(path)
-    key, stamp = os.path.realpath(path), [info.st_size, info.st_mtime_ns]
+    key = os.path.realpath(path)
+    stamp = [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
     cache = os.path.join(cache_root(), "verified-sha256.json")
     try:
         with open(cache, encoding="utf-8") as handle:
@@ -203,8 +207,8 @@ def verified_sha256(path: str) -> str:
     except (OSError, ValueError):
         known = {}
     entry = known.get(key)
-    if entry and entry[:2] == stamp:
-        return entry[2]
+    if trust_cache and entry and entry[:-1] == stamp:
+        return entry[-1]
     digest = sha256_of(path)
     known[key] = [*stamp, digest]
     try:

@@ -87,6 +87,10 @@ class TrainConfig(Config):
                                     "for a --condition model)")
     sample_temperature: float = setting(1.0, "softmax temperature of the training samples "
                                         "(their seed is --seed)")
+    verify_shards: bool = setting(False, "hash every shard against the manifest before "
+                                  "training, even one the hash cache knows unchanged (it "
+                                  "cannot see bit rot below the file system)",
+                                  flag="--verify-shards")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "target_length", "checkpoint_every",
@@ -111,7 +115,8 @@ class TrainConfig(Config):
 
 
 #: Settings a resume takes from the command line: they change neither the model nor the data.
-RESUME_MAY_CHANGE = ("steps", "sample_every", "sample_seconds", "sample_temperature")
+RESUME_MAY_CHANGE = ("steps", "verify_shards", "sample_every", "sample_seconds",
+                     "sample_temperature")
 
 
 def learning_rate_at(step: int, config: TrainConfig, size: int) -> float:
@@ -434,7 +439,7 @@ def training_input(dataset: Dataset, state: TrainingState, *, rank: int,
                                      validation_fraction=config.validation_fraction)
     label_ids = {name: i for i, name in enumerate(model.labels)} or None
     share = rank_share(training, rank=rank, size=size)
-    dataset.verify_shards(song.shard for song in share + held_out)
+    dataset.verify_shards((song.shard for song in share + held_out), full=config.verify_shards)
     sampler = WindowSampler(dataset, share,
                             window=window, target_length=config.target_length,
                             batch_size=config.batch_size, seed=config.seed, rank=rank,

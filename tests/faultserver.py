@@ -11,7 +11,8 @@ Routes::
     failing(statuses, then)                    the first requests get these (status, headers)
     cut_short(body, times=None)                Content-Length promises more than is sent
     drip(body, chunk, pause)                   the body in small chunks with pauses
-    stall(body, seconds)                       half the body, then silence
+    held(body, release)                        half the body, then the rest once the test
+                                               sets ``release`` (a threading.Event)
     no_length(body)                            no Content-Length, body ended by closing
     redirect(location)                         302
 """
@@ -134,12 +135,14 @@ def drip(body: bytes, chunk: int, pause: float):
     return route
 
 
-def stall(body: bytes, seconds: float):
+def held(body: bytes, release: threading.Event, *, seconds: float = 300.0):
+    """Keeps a download in flight for as long as the test needs, whatever the load."""
     def route(handler, nth):
         _head(handler, 200, {"Content-Type": "audio/mpeg"}, len(body))
         handler.wfile.write(body[: len(body) // 2])
         handler.wfile.flush()
-        time.sleep(seconds)
+        release.wait(seconds)
+        handler.wfile.write(body[len(body) // 2 :])
     return route
 
 

@@ -3,6 +3,7 @@ away. Each ends in a manifest that says what happened, or a clear error and a cl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -60,7 +61,8 @@ def test_files_too_short_fail_as_too_short(tmp_path, frames, rate):
     songs = tmp_path / "songs"
     songs.mkdir()
     audiogen.write_samples(songs / "short.wav", np.full((frames, 1), 0.5, np.float32), rate)
-    _preprocess([songs], tmp_path / "data", check=False)
+    result = _preprocess([songs], tmp_path / "data", check=False)
+    assert result.returncode == 3, result.stdout + result.stderr  # songs failed, none lost
     reason = read_manifest(str(tmp_path / "data"))["failed"][0]["reason"]
     assert reason.startswith("too short:"), reason
     assert f"{frames} frame(s) at {rate} Hz" in reason
@@ -229,15 +231,90 @@ def test_training_refuses_a_shard_changed_after_preprocessing(periodic_dataset, 
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
-def test_shard_hashes_are_cached_by_size_and_modification_time(tmp_path, monkeypatch):
+def _counting_hashes(monkeypatch) -> list[str]:
+    """Every file storage.sha256_of hashes from now on (it still hashes them)."""
+    hashed: list[str] = []
+    real = storage.sha256_of
+
+    def counted(url):
+        hashed.append(url)
+        return real(url)
+
+    monkeypatch.setattr(storage, "sha256_of", counted)
+    return hashed
+
+
+def test_shard_hashes_are_cached_until_the_file_or_its_inode_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("RAINFOREST_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "shard.npy"
     path.write_bytes(b"a" * 1000)
     first = storage.verified_sha256(str(path))
     assert (tmp_path / "cache" / "verified-sha256.json").exists()
+    hashed = _counting_hashes(monkeypatch)
+    assert storage.verified_sha256(str(path)) == first and hashed == []  # unchanged: cached
     stamp = os.stat(path)
-    path.write_bytes(b"b" * 1000)  # same size; the old time put back: taken as unchanged
+    # Rewritten in place, same size, old mtime put back: the ctime tells.
+    path.write_bytes(b"b" * 1000)
     os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    assert storage.verified_sha256(str(path)) == first, "hashed again though unchanged"
-    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))
-    assert storage.verified_sha256(str(path)) == storage.sha256_of(str(path)) != first
+    second = storage.verified_sha256(str(path))
+    assert second == hashlib.sha256(b"b" * 1000).hexdigest() and len(hashed) == 1
+    # A copy renamed over it with the same size and times (rsync -a): another inode.
+    copy = tmp_path / "copy.npy"
+    copy.write_bytes(b"c" * 1000)
+    os.utime(copy, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    copy.replace(path)
+    assert storage.verified_sha256(str(path)) == hashlib.sha256(b"c" * 1000).hexdigest()
+    assert storage.verified_sha256(str(path), trust_cache=False) and len(hashed) == 3
+
+
+def _flip_a_bit_keeping_the_mtime(path) -> None:
+    stamp = os.stat(path)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # one bit of one code
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert os.stat(path).st_size == stamp.st_size
+
+
+def test_a_bit_flipped_after_a_warm_cache_is_refused(periodic_dataset, tmp_path, monkeypatch):
+    import shutil
+
+    from rainforest.errors import DatasetFormatError
+
+    monkeypatch.setenv("RAINFOREST_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(periodic_dataset, tmp_path / "dataset")
+    dataset = Dataset(str(tmp_path / "dataset"))
+    dataset.verify_shards(dataset.shards)  # every shard hashed once: the cache is warm
+    shard = sorted((tmp_path / "dataset" / "shards").glob("part-*.npy"))[0]
+    _flip_a_bit_keeping_the_mtime(shard)
+    with pytest.raises(DatasetFormatError, match=f"{shard} does not match the sha256"):
+        Dataset(str(tmp_path / "dataset")).verify_shards(dataset.shards)
+
+
+def test_train_verify_shards_hashes_what_the_cache_says_is_unchanged(periodic_dataset,
+                                                                     tmp_path, monkeypatch):
+    """Bit rot below the file system changes no stat field. Stood in for here by a cache
+    entry that vouches for a shard's current stat with the manifest's sha256: only
+    --verify-shards still finds the damage."""
+    import shutil
+
+    from conftest import TINY_TRAINING
+
+    monkeypatch.setenv("RAINFOREST_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(periodic_dataset, tmp_path / "dataset")
+    shard = sorted((tmp_path / "dataset" / "shards").glob("part-*.npy"))[0]
+    good = storage.verified_sha256(str(shard))
+    _flip_a_bit_keeping_the_mtime(shard)
+    info, cache = os.stat(shard), tmp_path / "cache" / "verified-sha256.json"
+    known = json.loads(cache.read_text())
+    known[os.path.realpath(shard)] = [info.st_size, info.st_mtime_ns, info.st_ino,
+                                      info.st_ctime_ns, good]
+    cache.write_text(json.dumps(known))
+    common = [tmp_path / "dataset", *TINY_TRAINING, "--steps", "1", "--val-fraction", "0"]
+    trusted = run_cli("train", *common, "--run", tmp_path / "trusted", check=False)
+    assert trusted.returncode == 0, trusted.stderr  # the cache was believed
+    full = run_cli("train", *common, "--run", tmp_path / "full", "--verify-shards",
+                   check=False)
+    assert full.returncode == 1, full.stdout + full.stderr
+    assert f"{shard} does not match the sha256 in manifest.json" in full.stderr
+    assert "Traceback" not in full.stderr and not (tmp_path / "full").exists()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
 import random
 import shlex
 import signal
@@ -26,7 +28,8 @@ import time
 import pytest
 import yaml
 
-from conftest import RAINFOREST, free_port, run_cli
+from conftest import RAINFOREST, assert_same_tree, free_port, run_cli
+from interrupt import signal_when, when
 from rainforest import __version__
 from rainforest.ec2 import RUN_TAG, EC2Settings, ec2_cluster
 from rainforest.errors import ParameterError, RainforestError
@@ -101,6 +104,28 @@ def _wait_for(what, seconds=120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class _Helper(threading.Thread):
+    """A helper thread whose failure (an assertion, a timeout) fails the test at ``join``
+    instead of being lost on the thread and surfacing later as an unrelated timeout."""
+
+    def __init__(self, target, *args) -> None:
+        super().__init__(daemon=True)
+        self._call, self.error = (target, args), None
+
+    def run(self) -> None:
+        target, args = self._call
+        try:
+            target(*args)
+        except BaseException as error:  # noqa: BLE001 (carried to join)
+            self.error = error
+
+    def join(self, timeout: float = 120.0) -> None:
+        super().join(timeout)
+        assert not self.is_alive(), f"{self._call[0].__name__} still running after {timeout} s"
+        if self.error is not None:
+            raise AssertionError(f"{self._call[0].__name__} failed") from self.error
+
+
 def _user_data(client, instance_id: str) -> str:
     value = client.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
     return base64.b64decode(value["UserData"]["Value"]).decode()
@@ -138,7 +163,7 @@ def test_requested_vm_carries_the_settings_and_a_start_timeout_terminates_it(net
         seen["volumes"] = client.describe_volumes(Filters=[
             {"Name": "attachment.instance-id", "Values": [instance["InstanceId"]]}])["Volumes"]
 
-    recorder = threading.Thread(target=record_the_scheduler_vm)
+    recorder = _Helper(record_the_scheduler_vm)
     recorder.start()
     with pytest.raises(RainforestError, match="did not answer within 8 s"), \
             ec2_cluster(settings, quiet=True):
@@ -177,7 +202,6 @@ def test_a_failure_before_any_vm_is_a_clear_error_and_returns(network):
 
 
 def test_no_aws_credentials_is_a_clear_error(network, song_dir, tmp_path):
-    import os
 
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith("AWS_ACCESS_KEY") and name != "AWS_SECRET_ACCESS_KEY"}
@@ -202,21 +226,32 @@ def _container_command(user_data: str) -> list[str]:
 
 
 def _run_like_the_vm(client, instance: dict, extra=()) -> subprocess.Popen:
+    """The VM's command in a session of its own: a nanny and the worker it starts go
+    together when the test kills the process group, even if the nanny was SIGKILLed."""
     command = _container_command(_user_data(client, instance["InstanceId"]))
     return subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _stand_in_for_the_vms(client, processes: list) -> None:
+def _stand_in_for_the_vms(client, processes: list, worker_joins: bool = True) -> None:
     """Run each VM's own container command (from its user data, TLS certificates and all),
-    the scheduler's on the VM's loopback address, as soon as moto holds the VM."""
+    the scheduler's on the VM's loopback address, as soon as moto holds the VM; with
+    ``worker_joins`` false, the worker VM stays silent (its cloud-init failed, say)."""
     [scheduler] = _wait_for(lambda: [i for i in _ours(client)
                                      if i["InstanceType"] == SCHEDULER_TYPE])
     assert scheduler["PrivateIpAddress"].startswith("127.0.")
     processes.append(_run_like_the_vm(client, scheduler,
                                       ["--host", scheduler["PrivateIpAddress"]]))
     [worker] = _wait_for(lambda: [i for i in _ours(client) if i["InstanceType"] == WORKER_TYPE])
-    processes.append(_run_like_the_vm(client, worker))
+    if worker_joins:
+        processes.append(_run_like_the_vm(client, worker))
+
+
+def _stop_stand_ins(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
 
 
 def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, song_dir,
@@ -225,7 +260,7 @@ def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, s
     command, run as it is, joins the scheduler's over tls://."""
     client, settings = network["client"], _settings(network, start_timeout=120.0)
     processes: list[subprocess.Popen] = []
-    helper = threading.Thread(target=_stand_in_for_the_vms, args=(client, processes))
+    helper = _Helper(_stand_in_for_the_vms, client, processes)
     helper.start()
     try:
         result = run_cli("preprocess", song_dir, "--out", tmp_path / "ec2", "--no-progress",
@@ -235,9 +270,7 @@ def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, s
         assert f"starting EC2 VMs tagged {RUN_TAG}=rf-" in result.stderr
         assert "preflight: 1 worker(s) run this environment" in result.stdout
     finally:
-        for process in processes:
-            process.kill()
-            process.wait(30)
+        _stop_stand_ins(processes)
     [scheduler] = [i for i in _ours(client) if i["InstanceType"] == SCHEDULER_TYPE]
     [worker] = [i for i in _ours(client) if i["InstanceType"] == WORKER_TYPE]
     command = _container_command(_user_data(client, worker["InstanceId"]))
@@ -247,8 +280,46 @@ def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, s
     _assert_nothing_left_running(client)
     run_cli("preprocess", song_dir, "--out", tmp_path / "local", "--cluster", "sync",
             "--songs-per-shard", "2", "--no-progress")
-    for name in ("manifest.json", "shards/part-00000.npy", "shards/part-00002.npy"):
-        assert (tmp_path / "ec2" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert_same_tree(tmp_path / "ec2", tmp_path / "local")
+
+
+def test_an_error_while_the_vms_are_up_terminates_every_vm(network):
+    """The run's own code fails inside the ``with`` block, with the cluster started."""
+    client, settings = network["client"], _settings(network, start_timeout=120.0)
+    processes: list[subprocess.Popen] = []
+    helper = _Helper(_stand_in_for_the_vms, client, processes)
+    helper.start()
+    try:
+        with pytest.raises(ZeroDivisionError, match="the run's own failure"), \
+                ec2_cluster(settings, quiet=True) as cluster:
+            assert cluster.scheduler_address.startswith("tls://127.0.")
+            assert len(_ours(client, "pending", "running")) == 2  # both VMs up
+            raise ZeroDivisionError("the run's own failure")
+        helper.join(60)
+    finally:
+        _stop_stand_ins(processes)
+    _assert_nothing_left_running(client)
+
+
+def test_a_worker_vm_that_never_joins_is_a_clear_error_and_terminates_every_vm(
+        network, song_dir, tmp_path):
+    """The scheduler VM answers; the worker VM never starts its worker. The start timeout
+    also bounds the scheduler stand-in's start, so it is generous for a loaded machine."""
+    client, settings = network["client"], _settings(network, start_timeout=60.0)
+    processes: list[subprocess.Popen] = []
+    helper = _Helper(_stand_in_for_the_vms, client, processes, False)
+    helper.start()
+    try:
+        result = run_cli("preprocess", song_dir, "--out", tmp_path / "out", "--no-progress",
+                         *_flags(settings), check=False, timeout=600)
+        helper.join(60)
+    finally:
+        _stop_stand_ins(processes)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no EC2 worker VM joined" in result.stderr and "waited 60 s" in result.stderr
+    assert "Traceback" not in result.stderr
+    _assert_nothing_left_running(client)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -257,16 +328,10 @@ def test_an_interrupted_start_terminates_every_vm(network, song_dir, tmp_path, s
     settings = _settings(network, start_timeout=600.0)
     process = subprocess.Popen([*RAINFOREST, "preprocess", str(song_dir), "--out",
                                 str(tmp_path / "out"), *_flags(settings)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(lambda: _ours(client, "pending", "running") or process.poll() is not None)
-        assert process.poll() is None, process.communicate()
-        process.send_signal(stop)
-        out, err = process.communicate(timeout=180)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err
-    assert "interrupted" in err
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = signal_when(process, when(lambda: _ours(client, "pending", "running")), stop)
+    assert process.returncode == 130, err.decode(errors="replace")
+    assert b"interrupted" in err
     _assert_nothing_left_running(client)
 
 

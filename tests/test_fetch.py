@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import pytest
 
 import faultserver as fs
 from conftest import RAINFOREST, run_cli
+from interrupt import signal_when, when
 from rainforest.errors import ParameterError
 from rainforest.fetch import (
     FetchConfig,
@@ -28,7 +29,10 @@ from rainforest.fetch import (
     safe_name,
 )
 
-QUICK = dict(rate=50.0, concurrency=4, retries=2, timeout=2.0, backoff=0.05, max_backoff=5.0)
+# No route that these settings meet stays silent, so the timeout only bounds a broken test:
+# at 30 s, no load can make a healthy local request time out, retry, and change the request
+# counts the tests assert (the one test of timeouts uses its own, short, setting).
+QUICK = dict(rate=50.0, concurrency=4, retries=2, timeout=30.0, backoff=0.05, max_backoff=5.0)
 
 
 def song_bytes(size: int, seed: int) -> bytes:
@@ -140,7 +144,6 @@ def fault_routes() -> dict:
         "/cut-once.mp3": fs.cut_short(song_bytes(5000, 5), times=1),
         "/cut-always.mp3": fs.cut_short(song_bytes(5000, 6)),
         "/drip.mp3": fs.drip(song_bytes(3000, 7), chunk=300, pause=0.02),
-        "/stall.mp3": fs.stall(song_bytes(3000, 8), seconds=2.0),
         "/loop-a.mp3": fs.redirect("/loop-b.mp3"),
         "/loop-b.mp3": fs.redirect("/loop-a.mp3"),
         "/moved.mp3": fs.redirect("/moved-here.mp3"),
@@ -172,7 +175,6 @@ EXPECTED = {  # path -> (status, reason fragment, requests the server must have 
     "/cut-once.mp3": ("ok", None, 2),
     "/cut-always.mp3": ("failed", "cut short: got 2,500 of the 5,000 bytes", 3),
     "/drip.mp3": ("ok", None, 1),
-    "/stall.mp3": ("failed", "timed out", 3),
     "/loop-a.mp3": ("failed", "redirect loop", None),
     "/moved.mp3": ("ok", None, 1),
     "/to-ftp.mp3": ("failed", "refused a redirect to 'ftp'", 1),
@@ -194,7 +196,7 @@ def test_each_fault_ends_as_its_status_in_fetch_json(tmp_path):
     with fs.FaultServer(fault_routes()) as server:
         sources = [Source(server.url(path)) for path in EXPECTED]
         sources.append(Source("ftp://127.0.0.1/song.mp3"))
-        config = FetchConfig(**{**QUICK, "max_bytes": 65_536, "timeout": 1.0})
+        config = FetchConfig(**{**QUICK, "max_bytes": 65_536})
         summary = fetch(sources, str(out), config=config,
                         progress=False, log=lambda line: None)
         entries = entries_by_path(out, server)
@@ -237,6 +239,20 @@ def test_each_fault_ends_as_its_status_in_fetch_json(tmp_path):
     for entry in entries.values():
         if entry["status"] == "ok":
             assert sha256((out / entry["name"]).read_bytes()) == entry["sha256"]
+
+
+def test_a_silent_server_times_out_and_is_retried(tmp_path):
+    """The only test with a short timeout, and no route here answers in time: the count of
+    attempts cannot change with load."""
+    release = threading.Event()  # never set while the fetch runs
+    with fs.FaultServer({"/stall.mp3": fs.held(song_bytes(3000, 8), release)}) as server:
+        summary = fetch([Source(server.url("/stall.mp3"))], str(tmp_path / "out"),
+                        config=FetchConfig(**{**QUICK, "timeout": 1.0}), progress=False,
+                        log=lambda line: None)
+        release.set()
+        assert len(server.requests_for("/stall.mp3")) == 1 + QUICK["retries"]
+    assert summary["failed"] == 1 and "timed out" in summary["failures"][0]["reason"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fetch.json"]
 
 
 def test_rate_limit_and_concurrency_hold_on_the_server(tmp_path):
@@ -308,12 +324,22 @@ def test_a_url_listed_twice_is_fetched_once_with_the_first_labels(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp3", "fetch.json"]
 
 
+def _recorded(out: Path) -> list[dict]:
+    """The entries of ``out``'s fetch.json as it is on disk now (none before the first save)."""
+    manifest = out / "fetch.json"
+    return json.loads(manifest.read_text())["entries"] if manifest.exists() else []
+
+
 @pytest.mark.slow
 def test_killed_fetch_reruns_to_each_file_exactly_once(tmp_path):
     paths = [f"/track-{i:02d}.mp3" for i in range(16)]
     bodies = {path: song_bytes(40_000 + 1000 * i, i) for i, path in enumerate(paths)}
-    # A slow drip keeps downloads in flight, so the kill lands in the middle of some.
-    routes = {path: fs.drip(body, chunk=4000, pause=0.03) for path, body in bodies.items()}
+    # The first four come at once; the rest send half and are then held until the kill, so
+    # the first run cannot finish first and the kill lands in the middle of downloads,
+    # however fast or loaded the machine.
+    release = threading.Event()
+    routes = {path: fs.ok(body) if i < 4 else fs.held(body, release)
+              for i, (path, body) in enumerate(bodies.items())}
     out = tmp_path / "songs"
     with fs.FaultServer(routes) as server:
         urls = tmp_path / "urls.txt"
@@ -321,29 +347,26 @@ def test_killed_fetch_reruns_to_each_file_exactly_once(tmp_path):
         command = [*RAINFOREST, "fetch", str(urls), "--out", str(out), "--rate", "20",
                    "--concurrency", "3", "--no-progress"]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        recorded: list[dict] = []
-        while time.monotonic() < deadline and process.poll() is None:
-            if (out / "fetch.json").exists():
-                recorded = json.loads((out / "fetch.json").read_text())["entries"]
-                if len(recorded) >= 3:
-                    break
-            time.sleep(0.05)
-        assert process.poll() is None, process.stderr.read().decode()
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-        assert 3 <= len(recorded) < len(paths)
+        # fetch.json is saved while the held downloads go on: wait for the first four in it.
+        stderr = signal_when(process, when(lambda: len(_recorded(out)) >= 4), signal.SIGKILL,
+                             seconds=120)[1]
+        assert process.returncode == -signal.SIGKILL, stderr.decode(errors="replace")
+        recorded = _recorded(out)
+        assert len(recorded) == 4 and all(e["status"] == "ok" for e in recorded), recorded
+        assert any(p.name.startswith(".") for p in out.iterdir())  # killed mid-download
         # Whatever carries a final name is complete; the rest are hidden temporaries.
         for path in out.iterdir():
             if path.name != "fetch.json" and not path.name.startswith("."):
                 assert path.read_bytes() == bodies["/" + path.name], path.name
+        release.set()
         first_run = len(server.log)
 
         result = run_cli(*command[3:], env={**os.environ})
         assert result.returncode == 0, result.stderr
         second_run = [entry["path"] for entry in server.log[first_run:]]
-    done_before = {e["source"].removeprefix(server.base) for e in recorded if e["status"] == "ok"}
+    done_before = {e["source"].removeprefix(server.base) for e in recorded}
     assert not done_before & set(second_run)  # recorded files were not fetched again
+    assert sorted(second_run) == sorted(set(paths) - done_before)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [p.lstrip("/") for p in paths] + ["fetch.json"])
     for path, body in bodies.items():
@@ -356,24 +379,27 @@ def test_killed_fetch_reruns_to_each_file_exactly_once(tmp_path):
 def test_ctrl_c_stops_cleanly_keeps_the_record_and_removes_temporaries(tmp_path):
     paths = [f"/t{i}.mp3" for i in range(8)]
     bodies = {path: song_bytes(60_000, i) for i, path in enumerate(paths)}
-    routes = {path: fs.drip(body, chunk=2000, pause=0.05) for path, body in bodies.items()}
+    release = threading.Event()  # set only once the run ended: the rest stay in flight
+    routes = {path: fs.ok(body) if i == 0 else fs.held(body, release)
+              for i, (path, body) in enumerate(bodies.items())}
     out = tmp_path / "songs"
     with fs.FaultServer(routes) as server:
         command = [*RAINFOREST, "fetch", *[server.url(p) for p in paths], "--out", str(out),
-                   "--rate", "20", "--concurrency", "2", "--no-progress"]
+                   "--rate", "20", "--concurrency", "2", "--no-progress", "--timeout", "5"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any(
-                p.name.startswith(".") for p in (out.iterdir() if out.exists() else [])):
-            time.sleep(0.02)  # until a download is under way
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr.decode()
+        # A held download's thread sees the stop when its read times out (--timeout), so
+        # nothing can complete after the signal. One file finished and recorded, another
+        # under way: then Ctrl-C.
+        _, stderr = signal_when(process, when(lambda: _recorded(out) and any(
+            p.name.startswith(".") for p in out.iterdir())), signal.SIGINT, seconds=120)
+        release.set()
+    assert process.returncode == 130, stderr.decode(errors="replace")
     assert "re-run the same command to resume" in stderr.decode()
     left = sorted(p.name for p in out.iterdir())
     assert "fetch.json" in left and not [name for name in left if name.startswith(".")]
-    record = json.loads((out / "fetch.json").read_text())["entries"]
-    assert len(record) < len(paths)  # stopped early, and what it recorded is on disk
+    record = _recorded(out)
+    assert 1 <= len(record) < len(paths)  # stopped early, and what it recorded is on disk
+    assert sorted(left) == sorted([e["name"] for e in record] + ["fetch.json"])
     for entry in record:
         assert (out / entry["name"]).read_bytes() == bodies["/" + entry["name"]]
 

@@ -2,10 +2,10 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import soundfile
 
 from audiogen import write_periodic_songs, write_random_bytes
 from conftest import RAINFOREST, TINY_TRAINING, run_cli
+from interrupt import signal_when
 from rainforest import checkpoint
 from rainforest.checkpoint import read_weights
 from rainforest.config import AudioConfig
@@ -356,6 +357,12 @@ def test_cli_bad_input_is_a_clear_error(case, trained_conditioned_run, tmp_path)
     assert not out.exists() or not list(out.glob("*.wav"))
 
 
+def _seconds_shown(stderr: bytes) -> float:
+    """The audio the progress bar last showed as written (its renders end in ``\\r``)."""
+    shown = re.findall(rb"([0-9.]+)/[0-9.]+ s of audio", stderr)
+    return float(shown[-1]) if shown else 0.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_keeps_what_was_generated(stop, trained_conditioned_run, tmp_path):
@@ -363,18 +370,14 @@ def test_ctrl_c_keeps_what_was_generated(stop, trained_conditioned_run, tmp_path
     label = labels_of(trained_conditioned_run)[0]
     process = subprocess.Popen(
         [*RAINFOREST, "generate", str(trained_conditioned_run), "--seconds", "600", "--label",
-         label, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = ""
-    deadline = time.monotonic() + 120
-    while "s of audio" not in seen and time.monotonic() < deadline:
-        seen += os.read(process.stderr.fileno(), 4096).decode()
-    time.sleep(1.0)
-    process.send_signal(stop)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, seen + stderr
-    assert "interrupted: kept" in stdout
+         label, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The bar's first render (0.0 s) comes before the loop has compiled: wait for audio.
+    stdout, stderr = signal_when(process, lambda seen: _seconds_shown(seen) > 0, stop)
+    shown = _seconds_shown(stderr)
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    assert b"interrupted: kept" in stdout
     frames = soundfile.info(out / "stream-000.wav").frames
-    assert 0 < frames < 600 * 16000
+    assert round(shown * 16000) <= frames < 600 * 16000, (shown, frames)
     summary = json.loads((out / "generation.json").read_text())
     assert summary["interrupted"] and summary["samples"] == frames
 

@@ -3,8 +3,9 @@
 Three claims, each tested: the stored weights are what they claim to be (bfloat16 against
 ``ml_dtypes``, an independent implementation of the format; int8 against its row scales); the
 loop computes with exactly those weights (against the float32 loop, itself tested against
-Keras, on the dequantised weights); and the results do not depend on the CPU's vector
-instructions (a child process compiled without AVX-512 gives the same bits).
+Keras, on the dequantised weights; and with NaN in the float32 copies, the loop does not
+notice); and the results do not depend on the CPU's vector width (a child process compiled
+without AVX-512 gives the same bits; one without any AVX or FMA the same codes).
 """
 
 from __future__ import annotations
@@ -79,13 +80,18 @@ def tiny_network(tmp_path_factory):
     return load_network(str(run)).network
 
 
-def _teacher_forced(network, streams=3, steps=300, seed=0):
+def _teacher_forced(network, streams=3, steps=300, seed=0, poison=False):
+    """Logits of the loop fed a random sequence; ``poison``: NaN in the network's float32
+    kernels once the state is primed (the loop proper then has only its stored weights)."""
     sequence = np.random.default_rng(seed).integers(0, network.classes,
                                                     size=(streams, network.receptive_field + steps))
     rf = network.receptive_field
     state = prime_state(network, sequence[:, :rf], gate_bias=stream_gate_bias(network,
                                                                                [0] * streams),
                         seeds=stream_seeds(seed, streams))
+    if poison:
+        for name in FusedNetwork.KERNELS:
+            getattr(network, name)[...] = np.nan
     _, logits = generate_codes(network, state, steps, forced=sequence[:, rf:],
                                record_logits=True)
     return logits
@@ -104,12 +110,24 @@ def test_the_loop_multiplies_by_exactly_the_stored_weights(tiny_network, precisi
     assert np.abs(reduced - original).max() > 100 * np.abs(reduced - same_weights).max()
 
 
-def test_float32_stays_the_network_itself(tiny_network):
-    again = tiny_network.at_precision("float32")
-    np.testing.assert_array_equal(_teacher_forced(again), _teacher_forced(tiny_network))
-    assert again.nbytes == tiny_network.nbytes
+def test_own_precision_is_the_network_itself_and_reduced_ones_read_less(tiny_network):
+    assert tiny_network.at_precision("float32") is tiny_network
+    for precision in REDUCED:
+        reduced = tiny_network.at_precision(precision)
+        assert reduced.at_precision(precision) is reduced
     assert tiny_network.at_precision("bfloat16").nbytes < 0.55 * tiny_network.nbytes
     assert tiny_network.at_precision("int8").nbytes < 0.45 * tiny_network.nbytes
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_the_loop_reads_the_stored_weights_not_the_float32_copies(tiny_network, precision):
+    """The float32 copies a reduced network keeps (for priming) are poisoned with NaN after
+    priming: the loop must not notice. Reading them would cost the whole speed-up, and the
+    logits would still match the dequantised loop above up to rounding."""
+    clean = _teacher_forced(tiny_network.at_precision(precision))
+    poisoned = _teacher_forced(tiny_network.at_precision(precision), poison=True)
+    assert np.isfinite(poisoned).all()
+    np.testing.assert_array_equal(poisoned, clean)
 
 
 def test_an_unknown_precision_is_refused(tiny_network):
@@ -133,7 +151,10 @@ for precision in ("float32", "bfloat16", "int8"):
                                    record_logits=True)
     out[precision + "_codes"], out[precision + "_logits"] = codes, logits
 np.savez(sys.argv[3], **out)
-print(json.dumps({"features": cpu_target.target_context.codegen()._tm_features}))
+from rainforest.kernels.fused_loop import _generate
+asm = "".join(_generate.inspect_asm().values())  # compiled here: its cache folder is new
+print(json.dumps({"features": cpu_target.target_context.codegen()._tm_features,
+                  "zmm": "zmm" in asm, "ymm": "ymm" in asm, "fma": "vfmadd" in asm}))
 """
 
 
@@ -145,32 +166,69 @@ def _run_elsewhere(tmp_path, network, state, features):
              rng_states=state.rng_states, gate_bias=state.gate_bias, position=state.position)
     env = {**os.environ, "NUMBA_CPU_FEATURES": features,
            "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    assert not (tmp_path / "numba-cache").exists()  # the child compiles, so its asm exists
     done = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "network.npz"),
                            str(tmp_path / "state.npz"), str(tmp_path / "out.npz")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return np.load(tmp_path / "out.npz"), json.loads(done.stdout.splitlines()[-1])["features"]
+    return np.load(tmp_path / "out.npz"), json.loads(done.stdout.splitlines()[-1])
+
+
+def _host_without(*families: str) -> str:
+    """This CPU's features with every feature of ``families`` (name prefixes) turned off."""
+    return ",".join(f"-{flag[1:]}" if flag[1:].startswith(families) else flag
+                    for flag in codegen.get_host_cpu_features().split(","))
+
+
+def _here_and_there(network, tmp_path, features):
+    """(precision -> (codes, logits)) in this process, the child's outputs, what it compiled."""
+    state = prime_state(network, np.empty((5, 0)), gate_bias=stream_gate_bias(network, [0] * 5),
+                        seeds=stream_seeds(3, 5))
+    there, compiled = _run_elsewhere(tmp_path, network, state, features)
+    here = {precision: generate_codes(network.at_precision(precision),
+                                      state.take(np.arange(5)), 200, record_logits=True)
+            for precision in WEIGHT_PRECISIONS}
+    return here, there, compiled
 
 
 def test_without_avx512_the_loop_falls_back_and_gives_the_same_bits(tiny_network, tmp_path):
     """A CPU without AVX-512 (here: a child compiled with every AVX-512 feature off, as on an
     AVX2 machine) runs the same loop at a narrower width and gets the same codes and logits:
-    no sum is reordered. In this process, an AVX-512 host compiles at full width."""
-    host = codegen.get_host_cpu_features()
-    if "+avx512f" in host.split(","):
+    no sum is reordered. In this process, an AVX-512 host compiles at full width (on a host
+    without AVX-512 the two are the same build; the next test differs on any AVX machine)."""
+    if "+avx512f" in codegen.get_host_cpu_features().split(","):
         assert "-prefer-256-bit" in config.CPU_FEATURES.split(",")
-    narrow = ",".join(f"-{flag[1:]}" if flag.startswith("+avx512") else flag
-                      for flag in host.split(","))
-    state = prime_state(tiny_network, np.empty((5, 0)),
-                        gate_bias=stream_gate_bias(tiny_network, [0] * 5),
-                        seeds=stream_seeds(3, 5))
-    there, compiled_for = _run_elsewhere(tmp_path, tiny_network, state, narrow)
-    assert "+avx512f" not in compiled_for.split(",") and "+avx2" in compiled_for.split(",")
-    for precision in WEIGHT_PRECISIONS:
-        codes, logits = generate_codes(tiny_network.at_precision(precision),
-                                       state.take(np.arange(5)), 200, record_logits=True)
+    here, there, compiled = _here_and_there(tiny_network, tmp_path, _host_without("avx512"))
+    features = compiled["features"].split(",")
+    assert "-avx512f" in features and "+avx512f" not in features, compiled
+    assert not compiled["zmm"], compiled  # no 512-bit register anywhere in the loop
+    for precision, (codes, logits) in here.items():
         np.testing.assert_array_equal(codes, there[precision + "_codes"], err_msg=precision)
         np.testing.assert_array_equal(logits, there[precision + "_logits"], err_msg=precision)
+
+
+#: Every AVX generation, FMA, and the extensions that imply AVX: what is left is SSE4.2.
+_AVX_FAMILIES = ("avx", "fma", "f16c", "vaes", "vpclmulqdq", "xop")
+
+
+def test_without_avx_or_fma_the_loop_gives_the_same_codes(tiny_network, tmp_path):
+    """A child with AVX (every generation) and FMA off: 128-bit vectors, narrower than on any
+    machine with AVX, and a product and its sum rounded twice instead of once. The logits
+    may then differ in their last bits (measured: 7e-7 of their spread), the codes not at
+    all."""
+    here, there, compiled = _here_and_there(tiny_network, tmp_path,
+                                            _host_without(*_AVX_FAMILIES))
+    features = compiled["features"].split(",")
+    assert {"-avx", "-avx2", "-fma", "-avx512f"} <= set(features), compiled
+    assert not [flag for flag in features if flag[1:].startswith(_AVX_FAMILIES)
+                and flag.startswith("+")], compiled
+    # What it really compiled: no 256- or 512-bit register, no fused multiply-add.
+    assert not (compiled["zmm"] or compiled["ymm"] or compiled["fma"]), compiled
+    for precision, (codes, logits) in here.items():
+        np.testing.assert_array_equal(codes, there[precision + "_codes"], err_msg=precision)
+        spread = float(np.abs(logits).max())
+        np.testing.assert_allclose(logits, there[precision + "_logits"], rtol=0,
+                                   atol=1e-5 * spread, err_msg=precision)
 
 
 def test_int8_keeps_the_output_stack_in_bfloat16(tiny_network):

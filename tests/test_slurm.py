@@ -155,19 +155,32 @@ def test_generate_sbatch_writes_a_wav(slurm, slurm_dataset, tmp_path):
 
 
 def test_cluster_slurm_runs_through_worker_jobs_that_slurm_started(slurm, songs, tmp_path):
-    out = tmp_path / "dataset"
-    env = {**slurm.env, **_env()}
+    out, recorded = tmp_path / "dataset", tmp_path / "tasks"
+    recorded.mkdir()
+    # Each worker records the tasks it ran (tests/task_recorder.py, a Dask worker preload).
+    env = {**slurm.env, **_env(), "TASK_RECORDER_DIR": str(recorded),
+           "TASK_RECORDER_WORKERS": "2", "DASK_DISTRIBUTED__WORKER__PRELOAD":
+           repr([str(Path(__file__).with_name("task_recorder.py"))])}
     result = run_cli("preprocess", songs, "--out", out, "--cluster", "slurm", "--no-progress",
+                     "--songs-per-shard", "1",
                      "--slurm-cores", "1", "--slurm-memory", "500MB", "--slurm-interface", "lo",
                      "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
                      "--slurm-max-jobs", "2", f"--slurm-directive=--chdir={tmp_path}",
                      env=env, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "preflight:" in result.stdout
-    jobs = slurm.run("sacct", "-c", "-n", "-P", "-o", "JobName,NodeList").stdout.splitlines()
-    assert sum(line.startswith("dask-worker|localhost") for line in jobs) >= 1, jobs
-    preprocess([str(songs)], str(tmp_path / "local"), cluster="sync", progress=False,
-               log=lambda line: None)
+    jobs = slurm.run("sacct", "-c", "-n", "-P", "-o", "JobID,JobName,NodeList").stdout
+    workers = {line.split("|")[0] for line in jobs.splitlines()
+               if line.split("|")[1:] == ["dask-worker", "localhost"]}
+    assert len(workers) == 2, jobs
+    # The shards (one song each) each worker job built: the partitions of the bag it ran.
+    shards_by_job = {job: {int(found) for found in re.findall(
+        r"process-[0-9a-f]+', (\d+)\)", (recorded / f"{job}.tasks").read_text()
+        if (recorded / f"{job}.tasks").exists() else "")} for job in workers}
+    assert all(shards_by_job.values()), shards_by_job  # each worker job built shards
+    assert set().union(*shards_by_job.values()) == set(range(len(list(songs.rglob("*.flac")))))
+    preprocess([str(songs)], str(tmp_path / "local"), cluster="sync", songs_per_shard=1,
+               progress=False, log=lambda line: None)
     assert_same_tree(out, tmp_path / "local")
 
 
