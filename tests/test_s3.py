@@ -31,9 +31,12 @@ def s3_endpoint(monkeypatch):
         monkeypatch.setenv(name, value)
     import boto3
     import requests
+    import s3fs
 
     # moto's state is process-wide and outlives a server: start every test from nothing.
     requests.post(f"{endpoint}/moto-api/reset", timeout=30).raise_for_status()
+    # fsspec caches filesystems: one made for an earlier test's server would still call it.
+    s3fs.S3FileSystem.clear_instance_cache()
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     yield endpoint
     server.stop()
@@ -41,9 +44,7 @@ def s3_endpoint(monkeypatch):
 
 def test_round_trip_through_s3(song_dir, tmp_path, s3_endpoint):
     import boto3
-    import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
     client = boto3.client("s3")
     for path in sorted(song_dir.rglob("*")):
         if path.is_file():
