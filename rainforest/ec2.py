@@ -3,8 +3,8 @@
 Every VM runs a docker image with rainforest installed (build one from ``launch/Dockerfile``).
 What this module adds to ``EC2Cluster``, and why:
 
-- **Security groups are required.** dask-cloudprovider's own default-group creation is
-  unreliable (its issue 481), so a run without one stops before any VM starts.
+- **Security groups are required.** dask-cloudprovider's own default-group creation fails
+  in version 2025.9.0, so a run without one stops before any VM starts.
 - **Every VM carries our run tag** (``rainforest-run``), applied by ``RunInstances`` itself
   through ``instance_tags``, and when the run ends (normally, on an error, a start timeout,
   Ctrl-C or SIGTERM) everything carrying that tag is terminated. ``EC2Cluster.close()`` alone

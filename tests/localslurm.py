@@ -18,23 +18,8 @@ from pathlib import Path
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch")
 
-_CONF = """\
-ClusterName=test
-SlurmctldHost=localhost(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={root}/munge-run/munge.sock,cred_expire=10
-StateSaveLocation={root}/spool/ctld
-SlurmdSpoolDir={root}/spool/d
-TmpFS={root}/tmp
-SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
-SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+#: What every test cluster sets alike: scheduling, requeue, accounting and timeouts.
+SCHEDULING_CONF = """\
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -53,10 +38,29 @@ JobCompLoc={root}/log/jobcomp.txt
 InactiveLimit=0
 KillWait={kill_wait}
 MinJobAge=300
-SlurmdTimeout=30
+SlurmdTimeout={slurmd_timeout}
 Waittime=0
 EnforcePartLimits=ALL
-CommunicationParameters=EnableIPv6
+"""
+
+_CONF = """\
+ClusterName=test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge-run/munge.sock,cred_expire=10
+StateSaveLocation={root}/spool/ctld
+SlurmdSpoolDir={root}/spool/d
+TmpFS={root}/tmp
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+{scheduling}CommunicationParameters=EnableIPv6
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
@@ -90,9 +94,11 @@ class LocalSlurm:
             (self.root / sub).mkdir(parents=True)
         os.chmod(self.root / "munge-run", 0o755)
         self.conf = self.root / "slurm.conf"
+        scheduling = SCHEDULING_CONF.format(root=self.root, kill_wait=kill_wait,
+                                            slurmd_timeout=30)
         self.conf.write_text(_CONF.format(root=self.root, ctld_port=_free_port(),
                                           d_port=_free_port(), cpus=cpus or os.cpu_count(),
-                                          kill_wait=kill_wait))
+                                          scheduling=scheduling))
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
         self.env["SLURM_CONF"] = str(self.conf)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from localslurm import _program
+from localslurm import SCHEDULING_CONF, _program
 
 ADDRESS_PREFIX = "192.0.2."
 LOGIN_ADDRESS = ADDRESS_PREFIX + "2"
@@ -52,28 +52,7 @@ SlurmctldPidFile={root}/run/slurmctld.pid
 SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd-%n.log
-MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=1
-ReturnToService=2
-MpiDefault=pmix
-JobRequeue=1
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/filetxt
-JobCompLoc={root}/log/jobcomp.txt
-InactiveLimit=0
-KillWait={kill_wait}
-MinJobAge=300
-SlurmdTimeout=20
-Waittime=0
-EnforcePartLimits=ALL
-{nodes}
+{scheduling}{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -136,8 +115,10 @@ class MultiNode:
         nodes_conf = "\n".join(f"NodeName={name} NodeAddr={address} CPUs={cpus} "
                                "RealMemory=4000 State=UNKNOWN"
                                for name, address in self.addresses.items())
+        scheduling = SCHEDULING_CONF.format(root=self.root, kill_wait=kill_wait,
+                                            slurmd_timeout=20)
         self.conf.write_text(_CONF.format(root=self.root, ctld_address=self.addresses["n0"],
-                                          nodes=nodes_conf, kill_wait=kill_wait))
+                                          nodes=nodes_conf, scheduling=scheduling))
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
         self.env["SLURM_CONF"] = str(self.conf)
