@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from rainforest import __version__
 from rainforest.cluster import CLUSTER_HELP
 from rainforest.errors import RainforestError
+from rainforest.signals import graceful_stop
 
 EXIT_SOME_SONGS_FAILED = 3
 
@@ -147,22 +148,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupt_on_sigterm() -> None:
-    """Treat SIGTERM (scancel, a batch system's time limit) like Ctrl-C."""
-    import signal
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from rainforest.generate import GenerationConfig, generate
 
-    _interrupt_on_sigterm()
-    summary = generate(args.run, args.out, GenerationConfig(**given(args, GenerationConfig)),
-                       progress=not args.no_progress)
+    with graceful_stop(interrupt=True):  # scancel or a time limit keeps what was generated
+        summary = generate(args.run, args.out, GenerationConfig(**given(args, GenerationConfig)),
+                           progress=not args.no_progress)
     if not summary["files"]:
         print("nothing was generated, so nothing was written", file=sys.stderr)
         return 130 if summary["interrupted"] else 1
@@ -425,6 +416,64 @@ def _add_plan(commands) -> None:
     pl.set_defaults(handler=cmd_plan)
 
 
+def cmd_hosts(args: argparse.Namespace) -> int:
+    import os
+
+    from rainforest import hosts
+
+    if args.where == "slurm":
+        found = hosts.slurm_hosts(os.environ, discover=args.discover)
+        slots = args.slots or hosts.tasks_per_node(os.environ)
+    else:
+        from rainforest.ec2 import run_addresses
+
+        found = run_addresses(args.run, public=args.public, region=args.region,
+                              tag_key=args.tag_key)
+        slots = args.slots or 1
+    form = "hostfile" if args.hostfile else ("lines" if args.discover else "horovod")
+    if found:
+        print(hosts.render(found, slots, form))
+    return 0
+
+
+def _add_hosts(commands) -> None:
+    from rainforest.ec2 import RUN_TAG
+    from rainforest.hosts import EXCLUDE_VARIABLE
+
+    ho = commands.add_parser(
+        "hosts", help="print a Slurm job's nodes or a run's EC2 VMs as a host list",
+        description="Print hosts with their slots (ranks) for `horovodrun -H` (host:N,...), "
+                    "as an OpenMPI hostfile (--hostfile), or one per line for "
+                    "`horovodrun --host-discovery-script` (--discover). The launch/*-hosts.sh "
+                    "and launch/slurm-discover.sh recipes call this.")
+    where = ho.add_subparsers(dest="where", required=True, metavar="slurm|ec2")
+    slurm = where.add_parser(
+        "slurm", help="inside a Slurm job: its nodes",
+        description="The nodes of the Slurm job this runs in (scontrol show hostnames), with "
+                    "SLURM_NTASKS_PER_NODE slots each.")
+    slurm.add_argument("--discover", action="store_true",
+                       help="elastic discovery: the nodes the job holds now (scontrol show job), "
+                            "without those Slurm drains and those named one per line in the "
+                            f"file ${EXCLUDE_VARIABLE}; one host:slots per line")
+    ec2 = where.add_parser(
+        "ec2", help="the running VMs tagged with a run",
+        description=f"The running EC2 VMs whose tag {RUN_TAG} (--cluster ec2 sets it; tag your "
+                    "own training VMs the same way) is RUN. Needs AWS credentials; "
+                    "AWS_ENDPOINT_URL is honoured.")
+    ec2.add_argument("run", metavar="RUN", help="the run tag's value")
+    ec2.add_argument("--public", action="store_true",
+                     help="public addresses (default: private, inside the VPC)")
+    ec2.add_argument("--region", help="AWS region (default: the configured one)")
+    ec2.add_argument("--tag-key", default=RUN_TAG, help="the tag to match (default: %(default)s)")
+    for sub in (slurm, ec2):
+        sub.add_argument("--slots", type=int, default=0, metavar="N",
+                         help="ranks per host (default: Slurm's tasks per node; 1 on EC2)")
+        sub.add_argument("--hostfile", action="store_true",
+                         help="an OpenMPI hostfile, one 'host slots=N' per line")
+        sub.set_defaults(handler=cmd_hosts)
+    ec2.set_defaults(discover=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rainforest",
@@ -436,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rainforest {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_fetch, _add_plan, _add_preprocess, _add_train, _add_generate, _add_report,
-                _add_inspect, _add_demo):
+                _add_inspect, _add_hosts, _add_demo):
         add(commands)
     return parser
 

@@ -253,55 +253,14 @@ def _wait_for_a_worker(client, seconds: float, message: str) -> None:
 #: Packages whose versions must agree between this process and every worker.
 CHECKED_PACKAGES = ("rainforest", "numpy", "numba")
 
-# Runs on each worker. It is sent as source and compiled there, so it arrives even when the
-# worker cannot import rainforest (which is one of the things it reports).
-_PROBE = '''
-def probe(packages, reads, write):
-    import importlib, os, sys, uuid
-    report = {"python": sys.executable, "versions": {}, "missing": {}, "cannot": []}
-    for name in packages:
-        try:
-            report["versions"][name] = getattr(importlib.import_module(name), "__version__", "?")
-        except Exception as error:
-            report["missing"][name] = f"{type(error).__name__}: {error}"
+def _probe_by_value():
+    """The probe, registered so that workers receive its code, not a reference to rainforest."""
+    import cloudpickle
 
-    def fs_for(url):
-        import fsspec
-        return fsspec.core.url_to_fs(url)
+    from rainforest import preflight_probe
 
-    for url in reads:
-        try:
-            if "://" in url and not url.startswith("file://"):
-                fs, path = fs_for(url)
-                if not fs.exists(path):
-                    raise FileNotFoundError(url)
-            elif not os.access(url, os.R_OK):
-                raise PermissionError(f"no such file or no read permission: {url}")
-        except Exception as error:
-            report["cannot"].append(f"read {url} ({type(error).__name__}: {error})")
-    try:
-        name = f".rainforest-preflight-{uuid.uuid4().hex}"
-        if "://" in write and not write.startswith("file://"):
-            fs, path = fs_for(write)
-            target = path.rstrip("/") + "/" + name
-            fs.pipe_file(target, b"ok")
-            fs.rm_file(target)
-        else:
-            os.makedirs(write, exist_ok=True)
-            target = os.path.join(write, name)
-            with open(target, "wb") as handle:
-                handle.write(b"ok")
-            os.remove(target)
-    except Exception as error:
-        report["cannot"].append(f"write {write} ({type(error).__name__}: {error})")
-    return report
-'''
-
-
-def _probe_function():
-    namespace = {"__name__": "rainforest_preflight_probe"}  # not importable: sent by value
-    exec(compile(_PROBE, "<rainforest preflight>", "exec"), namespace)
-    return namespace["probe"]
+    cloudpickle.register_pickle_by_value(preflight_probe)
+    return preflight_probe.probe
 
 
 def local_versions() -> dict[str, str]:
@@ -323,7 +282,7 @@ def preflight(client, *, reads: Sequence[str], write: str) -> int:
     if client is None:
         return 0
     ours = local_versions()
-    reports = client.run(_probe_function(), list(CHECKED_PACKAGES), list(reads), write)
+    reports = client.run(_probe_by_value(), list(CHECKED_PACKAGES), list(reads), write)
     problems = []
     for worker, report in sorted(reports.items()):
         for name, error in report["missing"].items():

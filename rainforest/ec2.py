@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import signal
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from rainforest import __version__
 from rainforest.config import Config, documented, setting
 from rainforest.errors import ParameterError, RainforestError
+from rainforest.signals import graceful_stop
 
 #: The tag key every VM of a run carries; its value is the run id.
 RUN_TAG = "rainforest-run"
@@ -170,16 +170,35 @@ def _ec2_client(region: str | None):
     return boto3.client("ec2", region_name=region or _configured("region"))
 
 
+def _tagged(run_id: str, region: str | None, states: tuple[str, ...], tag_key: str
+            ) -> list[dict]:
+    """The described VMs whose ``tag_key`` tag is ``run_id``, in one of ``states``."""
+    pages = _ec2_client(region).get_paginator("describe_instances").paginate(Filters=[
+        {"Name": f"tag:{tag_key}", "Values": [run_id]},
+        {"Name": "instance-state-name", "Values": list(states)}])
+    return [instance for page in pages for reservation in page["Reservations"]
+            for instance in reservation["Instances"]]
+
+
 def tagged_instances(run_id: str, *, region: str | None = None,
                      states: tuple[str, ...] = ("pending", "running", "stopping", "stopped")
                      ) -> list[str]:
     """Ids of the VMs carrying ``run_id`` in one of ``states``."""
-    client = _ec2_client(region)
-    pages = client.get_paginator("describe_instances").paginate(Filters=[
-        {"Name": f"tag:{RUN_TAG}", "Values": [run_id]},
-        {"Name": "instance-state-name", "Values": list(states)}])
-    return sorted(instance["InstanceId"] for page in pages
-                  for reservation in page["Reservations"] for instance in reservation["Instances"])
+    return sorted(instance["InstanceId"] for instance in _tagged(run_id, region, states, RUN_TAG))
+
+
+def run_addresses(run_id: str, *, public: bool = False, region: str | None = None,
+                  tag_key: str = RUN_TAG) -> list[str]:
+    """The addresses of the run's running VMs, in numeric order: its ranks' host list.
+
+    Private addresses by default (ranks talk inside the VPC).
+    """
+    key = "PublicIpAddress" if public else "PrivateIpAddress"
+    addresses = {instance[key] for instance in _tagged(run_id, region, ("running",), tag_key)
+                 if instance.get(key)}
+    if not addresses:
+        raise RainforestError(f"no running EC2 VM carries the tag {tag_key}={run_id}")
+    return sorted(addresses, key=lambda ip: tuple(int(part) for part in ip.split(".")))
 
 
 def terminate_tagged(run_id: str, *, region: str | None = None,
@@ -310,7 +329,7 @@ def ec2_cluster(settings: EC2Settings, *, quiet: bool = False) -> Iterator[objec
     background = _BackgroundLoop()
     cluster, failed = None, False
     try:
-        with _sigterm_as_interrupt():
+        with graceful_stop(interrupt=True):  # SIGTERM tears the VMs down like Ctrl-C
             cluster = _start_in(background, arguments, settings.start_timeout, quiet)
             yield cluster
     except BaseException:
@@ -341,23 +360,6 @@ def _sweep(run_id: str, region: str | None, *, failed: bool) -> None:
         if not failed:
             raise RainforestError(message) from None
         print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a batch system, ``kill``) tears the VMs down like Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def connect_client(cluster, timeout: float):

@@ -1,4 +1,8 @@
-"""Elastic training (``rainforest train --elastic``): keep going when a rank is lost or joins.
+"""The state of elastic training (``rainforest train --elastic``) that survives lost ranks.
+
+The elastic training function itself lives with the training loop
+(``rainforest.train._train_elastic``), as in Horovod's elastic examples; this module holds what
+it keeps and logs across changes of ranks, and nothing that imports the training module.
 
 Under ``horovodrun --min-np ... --host-discovery-script ...`` (Gloo), Horovod re-forms the ring
 whenever a rank dies or a host appears. :class:`ElasticTrainingState` wraps the run's
@@ -20,12 +24,10 @@ live to log: each step appears once.
 from __future__ import annotations
 
 import hashlib
-import importlib
 
 import numpy as np
 from horovod.common.elastic import State
 
-from rainforest.errors import RainforestError
 from rainforest.runlog import RankZeroLog, read_metrics
 
 #: How many steps' scalars every rank keeps for a new rank 0 to log: more than any rollback.
@@ -101,50 +103,3 @@ def weights_digest(weights) -> str:
     for weight in weights:
         digest.update(np.ascontiguousarray(np.asarray(weight)).tobytes())
     return digest.hexdigest()
-
-
-def train_elastic(trainer, state, dataset, *, run: str, deadline, progress: bool, log,
-                  sampling):
-    """Train until the last step or a stop, surviving lost and joining ranks.
-
-    Returns ``(stopped_by, validation_bits, unigram_bits, writer)`` of the final membership.
-    """
-    training = importlib.import_module("rainforest.train")  # deferred: train imports this module
-
-    hvd = trainer.hvd
-    trainer.broadcast_done = True  # the first sync below is the broadcast
-    elastic_state = ElasticTrainingState(state, trainer, hvd)
-    outcome, recent = {}, {}
-
-    # Horovod: elastic.run syncs from rank 0, and on a lost or added rank restores the last
-    # commit, re-forms the ring and calls the function again
-    @hvd.elastic.run
-    def train_from_commit(elastic_state):
-        rank, size = hvd.rank(), hvd.size()
-        trainer.size = size  # Horovod: 3. the learning rate follows the number of ranks
-        data = training.training_input(dataset, state, rank=rank, size=size)
-        state.data.update(ranks=size, steps_per_epoch=data.sampler.steps_per_epoch)
-        writer = SkipLoggedSteps(run, rank, size, recent, progress=progress, log=log)
-        if rank == 0:
-            log(f"elastic: {size} rank(s), training from step {state.step} (the last commit; "
-                f"{elastic_state.repeated} step(s) after it are done again); rank 0 trains on "
-                f"{len(data.sampler.songs)} of {data.training_songs} songs")
-        elastic_state.repeated = 0
-        unigram = None
-        if data.validation is not None:
-            unigram = training._unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
-        stopped_by, bits = training._loop(trainer, state, data, writer, unigram=unigram,
-                                          deadline=deadline, audio=dataset.audio, run=run,
-                                          sampling=sampling, commit=elastic_state.commit)
-        outcome.update(stopped_by=stopped_by, bits=bits, unigram=unigram, writer=writer)
-        return True
-
-    # Horovod: elastic.run returns None, silently, on a TensorFlow error it cannot place
-    if train_from_commit(elastic_state) is not True:
-        raise RainforestError(
-            f"elastic training stopped at step {state.step} on an error Horovod could not "
-            "recover from (see the TensorFlow messages above); continue with --resume")
-    # Every rank names its weights, so a log shows that the ranks agree after joins.
-    log(f"rank {hvd.rank()}/{hvd.size()}: step {state.step}, weights sha256 "
-        f"{weights_digest(trainer.model.weights)}")
-    return outcome["stopped_by"], outcome["bits"], outcome["unigram"], outcome["writer"]

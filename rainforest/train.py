@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import socket
 import time
 from collections.abc import Mapping
@@ -31,10 +30,11 @@ import numpy as np
 from rainforest import checkpoint, storage
 from rainforest.config import Config, documented, setting
 from rainforest.dataset import Dataset
-from rainforest.errors import CheckpointError, ParameterError
+from rainforest.errors import CheckpointError, ParameterError, RainforestError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
 from rainforest.runlog import RankZeroLog
 from rainforest.sampling import WindowSampler, rank_share, split_songs, validation_windows
+from rainforest.signals import StopRequest, graceful_stop
 from rainforest.training_samples import Snapshot, TrainingSampler
 from rainforest.watchdog import arm_watchdog
 
@@ -283,20 +283,6 @@ class Trainer:
             variable.assign(array)
 
 
-@dataclass
-class _StopFlag:
-    requested: bool = False
-    signal_name: str = ""
-
-    def install(self) -> None:
-        def handler(signum, frame):
-            self.requested = True
-            self.signal_name = signal.Signals(signum).name
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-
 def check_fit(dataset: Dataset, model_config: ModelConfig) -> None:
     """Refuse a model config that does not fit the dataset, before any heavy work."""
     classes = dataset.audio.mu + 1
@@ -464,7 +450,7 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     and from ``config``. ``time_limit_minutes`` stops the run cleanly, with a checkpoint, once
     that much wall time has passed since the first step (useful inside a Slurm time limit).
     ``elastic`` survives lost and joining ranks under ``horovodrun --host-discovery-script``
-    (see :mod:`rainforest.elastic`).
+    (the state a lost rank rolls back to is :mod:`rainforest.elastic`'s).
 
     Returns a summary on every rank: final step, last losses, held-out bits per sample.
     """
@@ -494,21 +480,14 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     sampling = TrainingSampler(run, config.sample_every, config.sample_seconds,
                               config.sample_temperature, config.seed, log=say)
     try:
-        if elastic:  # Horovod: no collective before elastic.run's first sync (joiners deadlock)
-            from rainforest.elastic import train_elastic
-
-            stopped_by, val_bits, unigram, writer = train_elastic(
-                trainer, state, dataset, run=run, deadline=deadline, progress=progress, log=log,
-                sampling=sampling)
-        else:
-            writer = RankZeroLog(run, rank, progress=progress, log=log)
-            say(f"ranks on hosts: {', '.join(hvd.allgather_object(socket.gethostname()))}")
-            unigram = None
-            if data.validation is not None:
-                unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
-            stopped_by, val_bits = _loop(trainer, state, data, writer, unigram=unigram,
-                                         deadline=deadline, audio=dataset.audio, run=run,
-                                         sampling=sampling)
+        with graceful_stop(interrupt=False, also_ctrl_c=True) as stop:
+            context = _RunContext(run, dataset, deadline, sampling, stop, log)
+            if elastic:  # Horovod: no collective before elastic.run's first sync (joiners hang)
+                stopped_by, val_bits, unigram, writer = _train_elastic(trainer, state, context,
+                                                                       progress=progress)
+            else:
+                writer = RankZeroLog(run, rank, progress=progress, log=log)
+                stopped_by, val_bits, unigram = _membership(trainer, state, data, writer, context)
     except BaseException:
         sampling.abandon()  # no waiting for samples of a run that failed
         raise
@@ -521,19 +500,91 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
             "last": writer.last}
 
 
+@dataclass
+class _RunContext:
+    """What every membership of ranks in one run shares: where it writes, when and why it stops."""
+
+    run: str
+    dataset: Dataset
+    deadline: float | None  # time.monotonic() at which the time limit stops the run
+    sampling: TrainingSampler
+    stop: StopRequest
+    log: Any
+
+
+def _membership(trainer: Trainer, state: TrainingState, data: TrainingInput,
+                writer: RankZeroLog, context: _RunContext, commit=None
+                ) -> tuple[str, float, float | None]:
+    """Train with the ranks there are now; returns (stopped by, held-out bits, unigram bits).
+
+    A fixed run has one membership; an elastic run has one per change of ranks.
+    """
+    hvd = trainer.hvd
+    state.data.update(ranks=hvd.size(), steps_per_epoch=data.sampler.steps_per_epoch)
+    hosts = hvd.allgather_object(socket.gethostname())  # Horovod: a collective on every rank
+    if hvd.rank() == 0:
+        context.log(f"ranks on hosts: {', '.join(hosts)}")
+    unigram = None
+    if data.validation is not None:
+        unigram = _unigram_bits(data.validation[0][:, trainer.receptive:], hvd)
+    stopped_by, bits = _loop(trainer, state, data, writer, context, unigram=unigram,
+                             commit=commit)
+    return stopped_by, bits, unigram
+
+
+def _train_elastic(trainer: Trainer, state: TrainingState, context: _RunContext, *,
+                   progress: bool) -> tuple[str, float, float | None, RankZeroLog]:
+    """Train until the last step or a stop, surviving lost and joining ranks.
+
+    Returns ``(stopped_by, validation_bits, unigram_bits, writer)`` of the final membership.
+    """
+    from rainforest.elastic import ElasticTrainingState, SkipLoggedSteps, weights_digest
+
+    hvd, log = trainer.hvd, context.log
+    trainer.broadcast_done = True  # the first sync below is the broadcast
+    elastic_state = ElasticTrainingState(state, trainer, hvd)
+    outcome, recent = {}, {}
+
+    # Horovod: elastic.run syncs from rank 0, and on a lost or added rank restores the last
+    # commit, re-forms the ring and calls the function again
+    @hvd.elastic.run
+    def train_from_commit(elastic_state):
+        rank, size = hvd.rank(), hvd.size()
+        trainer.size = size  # Horovod: 3. the learning rate follows the number of ranks
+        data = training_input(context.dataset, state, rank=rank, size=size)
+        writer = SkipLoggedSteps(context.run, rank, size, recent, progress=progress, log=log)
+        if rank == 0:
+            log(f"elastic: {size} rank(s), training from step {state.step} (the last commit; "
+                f"{elastic_state.repeated} step(s) after it are done again); rank 0 trains on "
+                f"{len(data.sampler.songs)} of {data.training_songs} songs")
+        elastic_state.repeated = 0
+        outcome.update(writer=writer, result=_membership(trainer, state, data, writer, context,
+                                                         commit=elastic_state.commit))
+        return True
+
+    # Horovod: elastic.run returns None, silently, on a TensorFlow error it cannot place
+    if train_from_commit(elastic_state) is not True:
+        raise RainforestError(
+            f"elastic training stopped at step {state.step} on an error Horovod could not "
+            "recover from (see the TensorFlow messages above); continue with --resume")
+    # Every rank names its weights, so a log shows that the ranks agree after joins.
+    log(f"rank {hvd.rank()}/{hvd.size()}: step {state.step}, weights sha256 "
+        f"{weights_digest(trainer.model.weights)}")
+    return (*outcome["result"], outcome["writer"])
+
+
 def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: RankZeroLog,
-          *, unigram: float | None, deadline: float | None, audio, run: str,
-          sampling: TrainingSampler, commit=None) -> tuple[str, float]:
+          context: _RunContext, *, unigram: float | None, commit=None) -> tuple[str, float]:
     """Train from ``state.step`` to the last step or a stop; returns (stopped by, bits).
 
-    ``sampling`` makes audio samples of the steps it is due at, beside training.
+    ``context.sampling`` makes audio samples of the steps it is due at, beside training.
 
     ``commit`` (elastic training) is called every ``commit_every`` steps and after each
     checkpoint, so no checkpoint is ever ahead of the state a lost rank rolls back to.
     """
     config, size = state.train, trainer.size
-    stop = _StopFlag()
-    stop.install()
+    stop, run, sampling = context.stop, context.run, context.sampling
+    audio = context.dataset.audio
 
     def save() -> None:
         if trainer.hvd.rank() == 0:  # Horovod: 7. only rank 0 writes checkpoints
@@ -553,8 +604,9 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
     val_bits, stopped_by = float("nan"), ""
     watchdog = arm_watchdog(config.stall_timeout)  # stays armed across elastic resets
     for windows, labels in data.sampler.tf_dataset(state.step, config.steps):
-        if deadline is not None and time.monotonic() > deadline and not stop.requested:
-            stop.requested, stop.signal_name = True, "the time limit"
+        if (context.deadline is not None and time.monotonic() > context.deadline
+                and not stop.requested):
+            stop.ask("the time limit")
         loss, norm, stop_all = trainer.train_step(windows, labels, state.step,
                                                   stop_requested=stop.requested)
         watchdog.beat()
@@ -580,7 +632,7 @@ def _loop(trainer: Trainer, state: TrainingState, data: TrainingInput, writer: R
                                    or step % config.checkpoint_every == 0):
             commit()  # Horovod: a collective; raises when ranks were lost or hosts added
         if stop_all:
-            stopped_by = stop.signal_name or "another rank"
+            stopped_by = stop.reason or "another rank"
             break
     watchdog.disarm()
     if last_saved != state.step:
