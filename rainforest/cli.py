@@ -298,7 +298,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _add_fetch(commands) -> None:
-    from rainforest.fetch import FetchConfig
+    from rainforest.fetch import FETCH_NAME, FetchConfig
 
     fe = commands.add_parser(
         "fetch", help="download songs politely and resumably into a folder or s3:// prefix",
@@ -307,14 +307,14 @@ def _add_fetch(commands) -> None:
                     "flattened to group.column), http(s) URLs or an s3:// prefix. Polite: one "
                     "rate limit per host, retries with backoff, Retry-After honoured. "
                     "Resumable: files already fetched (same size and sha256 or ETag) are "
-                    "skipped. Every source is recorded in OUT/fetch.json with its status, "
+                    f"skipped. Every source is recorded in OUT/{FETCH_NAME} with its status, "
                     "sha256, final URL, labels and failure reason (exit status 3 if any "
                     "failed).",
     )
     fe.add_argument("sources", nargs="+", metavar="SOURCE",
                     help="URLs file (one per line), CSV file, http(s) URL or s3:// prefix")
     fe.add_argument("--out", required=True, metavar="URL",
-                    help="folder or s3:// prefix for the songs and fetch.json")
+                    help=f"folder or s3:// prefix for the songs and {FETCH_NAME}")
     fe.add_argument("--url-column", metavar="NAME", help="CSV column holding each song's URL")
     fe.add_argument("--url-template", metavar="TEMPLATE",
                     help="URL built from CSV columns, e.g. "
@@ -522,7 +522,9 @@ def _add_preprocess(commands) -> None:
 
 def _add_train(commands) -> None:
     from rainforest.model_config import PRESETS
+    from rainforest.runlog import CURVES_NAME, METRICS_NAME, TENSORBOARD_DIR
     from rainforest.train import TrainConfig
+    from rainforest.training_samples import SAMPLES_DIR
 
     tr = commands.add_parser(
         "train", help="train a WaveNet on a dataset (one process, horovodrun, mpirun or srun)",
@@ -531,9 +533,10 @@ def _add_train(commands) -> None:
                     "`horovodrun --mpi`, `mpirun -np N` or Slurm's `srun`: every rank reads "
                     "its own share of the songs. Rank 0 shows progress, measures held-out bits "
                     "per sample, and writes checkpoints, TensorBoard scalars "
-                    "(RUN/tensorboard), RUN/metrics.jsonl and RUN/curves.png; with "
-                    "--sample-every, audio samples in RUN/samples and TensorBoard. SIGTERM or "
-                    "Ctrl-C writes a checkpoint and exits cleanly; --resume continues exactly.",
+                    f"(RUN/{TENSORBOARD_DIR}), RUN/{METRICS_NAME} and RUN/{CURVES_NAME}; "
+                    f"with --sample-every, audio samples in RUN/{SAMPLES_DIR} and TensorBoard. "
+                    "SIGTERM or Ctrl-C writes a checkpoint and exits cleanly; --resume "
+                    "continues exactly.",
     )
     tr.add_argument("dataset", metavar="DATASET",
                     help="dataset folder or s3:// prefix written by `rainforest preprocess`")
@@ -566,13 +569,13 @@ def _add_train(commands) -> None:
 
 
 def _add_generate(commands) -> None:
-    from rainforest.generate import GenerationConfig
+    from rainforest.generate import GENERATION_NAME, GenerationConfig
 
     gen = commands.add_parser(
         "generate", help="generate songs from a trained run",
         description="Generate audio from the newest checkpoint of RUN with the fused Numba "
                     "loop (no TensorFlow needed). Writes one 16-bit wav and one spectrogram "
-                    "PNG per stream into --out, plus generation.json with the settings. "
+                    f"PNG per stream into --out, plus {GENERATION_NAME} with the settings. "
                     "Ctrl-C (or SIGTERM) stops early and keeps what was generated so far.",
     )
     gen.add_argument("run", metavar="RUN",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from rainforest.plots import spectrogram_png
 #: Audio generated per kernel call: short enough for a live progress bar and a prompt Ctrl-C.
 CHUNK_SECONDS = 0.1
 GENERATION_NAME = "generation.json"
+_STREAM_FILE = re.compile(r"stream-[0-9]{3,}\.wav")
 #: Shorter streams get no spectrogram PNG (too few samples for its 512-point windows).
 SPECTROGRAM_MIN_SAMPLES = 256
 
@@ -153,6 +155,21 @@ def generate_threaded(network: FusedNetwork, states: list[StreamState], steps: i
     return codes
 
 
+def stream_file(stream: int) -> str:
+    """The wav name of stream ``stream`` (0-based), in ``--out`` and in a training sample."""
+    return f"stream-{stream:03d}.wav"
+
+
+def is_stream_file(name: str) -> bool:
+    """Whether ``name`` is a name :func:`stream_file` gives (never a path, never hidden)."""
+    return _STREAM_FILE.fullmatch(name) is not None
+
+
+def spectrogram_file(wav: str) -> str:
+    """The name of the spectrogram PNG written beside the stream wav ``wav``."""
+    return os.path.splitext(wav)[0] + ".png"
+
+
 def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool = True
                   ) -> list[str]:
     """One 16-bit wav (and spectrogram PNG) per stream, each committed whole."""
@@ -161,14 +178,14 @@ def write_outputs(codes: np.ndarray, audio: AudioConfig, out: str, *, plot: bool
     os.makedirs(out, exist_ok=True)
     paths = []
     for stream, stream_codes in enumerate(codes):
-        path = os.path.join(out, f"stream-{stream:03d}.wav")
+        path = os.path.join(out, stream_file(stream))
         samples = mulaw_decode(stream_codes)
         with storage.Staged(path) as staging:
             soundfile.write(staging, samples, audio.sample_rate, subtype="PCM_16",
                             format="WAV")
         paths.append(path)
         if plot and samples.shape[0] >= SPECTROGRAM_MIN_SAMPLES:
-            spectrogram_png(samples, audio.sample_rate, path[:-4] + ".png")
+            spectrogram_png(samples, audio.sample_rate, spectrogram_file(path))
     return paths
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from rainforest import checkpoint, storage
 from rainforest.config import Config, documented, setting
-from rainforest.dataset import Dataset
+from rainforest.dataset import MANIFEST_NAME, Dataset
 from rainforest.errors import CheckpointError, ParameterError, RainforestError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
 from rainforest.runlog import RankZeroLog
@@ -460,7 +460,7 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     if rank == 0:  # Horovod: 7. only rank 0 writes (here: removes a killed writer's leftovers)
         checkpoint.remove_leftovers(run)
     dataset = Dataset(dataset_url)
-    manifest_digest = storage.sha256_of(storage.join(dataset.url, "manifest.json"))
+    manifest_digest = storage.sha256_of(storage.join(dataset.url, MANIFEST_NAME))
     state = start_state(run, dataset, model_config=model_config, config=config,
                         overrides=overrides or {}, resume=resume, condition=condition, log=say)
     if state.resumed_from:

@@ -45,7 +45,6 @@ SAMPLES_DIR = "samples"
 INDEX_NAME = "samples.json"
 FORMAT = "rainforest-samples"
 VERSION = 1
-_STREAM_FILE = re.compile(r"^stream-[0-9]{3}\.wav$")
 #: How long the end of training waits for samples still being generated.
 FINISH_TIMEOUT_S = 600.0
 
@@ -62,6 +61,8 @@ def is_sampled(run: str, step: int) -> bool:
 def read_index(run: str, step: int) -> dict:
     """A sampled step's ``samples.json``, checked: its format, and file names that stay in
     its folder (the report copies them)."""
+    from rainforest.generate import is_stream_file
+
     url = storage.join(sample_folder(run, step), INDEX_NAME)
     index = read_document(url, kind=FORMAT, version=VERSION, error=CheckpointError,
                           advice="upgrade rainforest to read these samples",
@@ -69,7 +70,7 @@ def read_index(run: str, step: int) -> dict:
     files, labels = index.get("files"), index.get("labels")
     if (not isinstance(files, list) or not isinstance(labels, list)
             or len(files) != len(labels)
-            or not all(isinstance(f, str) and _STREAM_FILE.match(f) for f in files)):
+            or not all(isinstance(f, str) and is_stream_file(f) for f in files)):
         raise CheckpointError(f"{url} lists files that are not this step's streams")
     return index
 
@@ -249,9 +250,11 @@ def _summarise(writer, reply: dict) -> None:
     """TensorBoard audio and spectrogram of each stream, read back from the local copy."""
     import soundfile
 
+    from rainforest.generate import spectrogram_file
+
     for index, name in enumerate(reply["files"]):
         samples, rate = soundfile.read(os.path.join(reply["work"], name), dtype="float32")
-        with open(os.path.join(reply["work"], name[:-4] + ".png"), "rb") as handle:
+        with open(os.path.join(reply["work"], spectrogram_file(name)), "rb") as handle:
             png = handle.read()
         writer.record_sample(reply["step"], f"samples/{_tag(reply['labels'][index], index)}",
                              samples, rate, png)

@@ -19,7 +19,7 @@ from rainforest import checkpoint
 from rainforest.checkpoint import read_weights
 from rainforest.config import AudioConfig
 from rainforest.errors import CheckpointError, ParameterError
-from rainforest.generate import load_network
+from rainforest.generate import is_stream_file, load_network, spectrogram_file, stream_file
 from rainforest.kernels.fused_loop import _exp32, _sigmoid32, _tanh32, generate_codes
 from rainforest.kernels.priming import (
     forward_logits,
@@ -273,6 +273,17 @@ def test_export_refuses_a_mismatched_or_config_less_checkpoint(tmp_path):
 
 
 # --- the command line, on a run trained for real by `rainforest train` -----------------------
+
+
+def test_stream_file_names_are_recognised_and_nothing_else():
+    names = [stream_file(stream) for stream in (0, 7, 999, 1000)]
+    assert names[:2] == ["stream-000.wav", "stream-007.wav"] and names[3] == "stream-1000.wav"
+    assert all(map(is_stream_file, names))
+    assert not any(map(is_stream_file, [
+        "stream-00.wav", ".stream-000.wav", "stream-000.wav.tmp", "stream-000.png",
+        "../stream-000.wav", "x/stream-000.wav", "stream-000.wav\n", "song.wav"]))
+    assert spectrogram_file("stream-000.wav") == "stream-000.png"
+    assert spectrogram_file("/out/stream-001.wav") == "/out/stream-001.png"
 
 
 @pytest.fixture(scope="module")
