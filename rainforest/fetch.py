@@ -390,22 +390,36 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class _ConnectRetry(urllib3.util.Retry):
-    """urllib3's retries, with a backoff sleep that ends as soon as the run is stopped."""
+class _RetryPolicy(urllib3.util.Retry):
+    """urllib3's retries, with two changes: a redirect to a scheme other than http or https is
+    refused (urllib3 has no other scheme, but reports e.g. a ``file:`` target only as a URL
+    without a host), and the backoff sleep ends as soon as the run is stopped."""
 
     stop = threading.Event()  # each run's policy carries the run's own (see _retry_policy)
 
-    def new(self, **changes: Any) -> _ConnectRetry:
+    def new(self, **changes: Any) -> _RetryPolicy:
         fresh = super().new(**changes)
         fresh.stop = self.stop
         return fresh
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: Any = None, error: Exception | None = None, _pool: Any = None,
+                  _stacktrace: Any = None) -> _RetryPolicy:
+        location = response.get_redirect_location() if response is not None else None
+        if location:
+            scheme = urllib.parse.urlsplit(urllib.parse.urljoin(url or "", location)).scheme
+            if scheme.lower() not in ("http", "https"):  # urllib3 then releases the response
+                raise urllib3.exceptions.MaxRetryError(_pool, url, _Failure(
+                    f"refused a redirect to {scheme!r} (only http and https are followed)",
+                    retry=False))
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
     def sleep(self, response: Any = None) -> None:
         if self.stop.wait(self.get_backoff_time()):
             raise KeyboardInterrupt
 
 
-def _retry_policy(config: FetchConfig, stop: threading.Event) -> _ConnectRetry:
+def _retry_policy(config: FetchConfig, stop: threading.Event) -> _RetryPolicy:
     """What urllib3 retries by itself: redirects (up to ``_MAX_REDIRECTS``) and connections
     that failed before any request was sent, with the settings' backoff.
 
@@ -413,18 +427,18 @@ def _retry_policy(config: FetchConfig, stop: threading.Event) -> _ConnectRetry:
     :func:`fetch_one`, whose retries wait for the host's limiter: a retried request is a
     request like any other, and a ``Retry-After`` must pause every thread on that host.
     """
-    policy = _ConnectRetry(total=None, connect=config.retries, read=0, status=0, other=0,
-                           redirect=_MAX_REDIRECTS, raise_on_redirect=True,
-                           status_forcelist=(), respect_retry_after_header=False,
-                           backoff_factor=config.backoff, backoff_max=config.max_backoff,
-                           backoff_jitter=config.backoff)
+    policy = _RetryPolicy(total=None, connect=config.retries, read=0, status=0, other=0,
+                          redirect=_MAX_REDIRECTS, raise_on_redirect=True,
+                          status_forcelist=(), respect_retry_after_header=False,
+                          backoff_factor=config.backoff, backoff_max=config.max_backoff,
+                          backoff_jitter=config.backoff)
     policy.stop = stop
     return policy
 
 
 def _connection_pool(config: FetchConfig) -> urllib3.PoolManager:
     """One pool for the run, shared by the download threads, so the files of a host reuse its
-    connections. urllib3 knows only http and https, so a redirect to any other scheme fails."""
+    connections."""
     return urllib3.PoolManager(
         maxsize=config.concurrency,  # a connection per download thread is kept for each host
         headers={"User-Agent": USER_AGENT, "Accept": "*/*"},
@@ -452,10 +466,12 @@ def _http_failure(response: urllib3.BaseHTTPResponse) -> _Failure:
                     retry_after=wait_for)
 
 
-def _network_failure(error: urllib3.exceptions.HTTPError, config: FetchConfig) -> _Failure:
+def _network_failure(error: Exception, config: FetchConfig) -> _Failure:
     """A failure urllib3 raised, before or during the body, as a retried or final failure."""
     if isinstance(error, urllib3.exceptions.MaxRetryError):  # urllib3's own retries ran out
         error = error.reason
+    if isinstance(error, _Failure):  # a redirect _RetryPolicy refused
+        return error
     if isinstance(error, urllib3.exceptions.ResponseError):
         return _Failure(f"redirect loop or too many redirects (more than {_MAX_REDIRECTS})",
                         retry=False)
@@ -513,9 +529,6 @@ def _request(source: Source, job: _Job) -> urllib3.BaseHTTPResponse:
         return job.pool.request("GET", source.url, retries=job.retries, preload_content=False,
                                 decode_content=False,  # the bytes as sent, as Content-Length
                                 enforce_content_length=False)  # _stream_to says what is short
-    except urllib3.exceptions.URLSchemeUnknown as error:
-        raise _Failure(f"refused a redirect to {error.scheme!r} (only http and https are "
-                       "followed)", retry=False) from None
     except urllib3.exceptions.HTTPError as error:
         raise _network_failure(error, job.config) from None
 
