@@ -11,6 +11,9 @@ How it behaves:
 - **Polite:** one shared limit per host (``rate`` request starts per second, at most
   ``concurrency`` downloads at once), retries with exponential backoff and jitter, a
   ``Retry-After`` on 429 and 503 pauses the whole host, and a User-Agent naming rainforest.
+  One urllib3 connection pool serves the run, so a host's files reuse its connections;
+  urllib3 follows redirects and retries failed connections, and every other retry is made
+  here, through the host's limit.
 - **Names before requests:** every source's output name is decided from its URL before anything
   is downloaded (sanitised, made unique), and kept in ``fetch.json``. A name that depended on a
   response (``Content-Disposition``) could not be known by a resumed run, which would then save
@@ -20,9 +23,9 @@ How it behaves:
   finish, so a killed run continues where it stopped.
 - **Atomic:** each file is built under a temporary name (:mod:`rainforest.storage`'s staging)
   and renamed, or uploaded in one piece; an S3-to-S3 copy is one server-side copy.
-- **Safe:** http, https and s3 only (redirects too); TLS verified; a size cap checked against
-  Content-Length and while streaming; an HTML or JSON page under an audio name is a recorded
-  failure, not a song.
+- **Safe:** http, https and s3 only (redirects too, at most 10); TLS verified; a size cap
+  checked against Content-Length and while streaming; an HTML or JSON page under an audio
+  name is a recorded failure, not a song.
 """
 
 from __future__ import annotations
