@@ -336,6 +336,14 @@ def test_redirects_are_followed_up_to_ten_over_http_only(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fetch.json", "ten0.mp3"]
 
 
+def test_a_url_with_spaces_and_accents_is_sent_percent_encoded(tmp_path):
+    with fs.FaultServer({"/%C3%A9t%C3%A9%20song.mp3": fs.ok(SONG)}) as server:
+        summary = fetch([Source(server.url("/été song.mp3"))], str(tmp_path / "out"),
+                        config=FetchConfig(**QUICK), progress=False, log=lambda line: None)
+        assert [entry["path"] for entry in server.log] == ["/%C3%A9t%C3%A9%20song.mp3"]
+    assert summary["fetched"] == 1 and (tmp_path / "out" / "été song.mp3").read_bytes() == SONG
+
+
 def test_a_refused_connection_is_retried_with_backoff_within_one_attempt(tmp_path):
     with socket.socket() as probe:  # a port nothing listens on once it is closed
         probe.bind(("127.0.0.1", 0))
