@@ -459,10 +459,7 @@ def _sniff(path: str) -> None:
 
 
 def _http_failure(response: urllib3.BaseHTTPResponse) -> _Failure:
-    status, reason = response.status, response.reason
-    if 300 <= status < 400:  # urllib3 follows every redirect that names where to go
-        return _Failure(f"HTTP {status} {reason}: a redirect without a Location to follow",
-                        retry=False)
+    status, reason = response.status, response.reason  # a 3xx here is one urllib3 can't follow
     wait_for = (parse_retry_after(response.headers.get("Retry-After"))
                 if status in (429, 503) else None)
     return _Failure(f"HTTP {status} {reason}", retry=status in _RETRY_STATUS,
@@ -564,6 +561,8 @@ def _fetch_http_once(source: Source, staging: str, job: _Job) -> dict[str, Any]:
         size, digest = _stream_to(response, staging, job, declared)
     except urllib3.exceptions.HTTPError as error:
         raise _network_failure(error, job.config) from None
+    except OSError as error:  # urllib3 wraps its own: this one is the local file's
+        raise _Failure(f"could not write the download: {error}", retry=True) from None
     finally:
         _release(response)
     _sniff(staging)
