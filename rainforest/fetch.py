@@ -11,6 +11,9 @@ How it behaves:
 - **Polite:** one shared limit per host (``rate`` request starts per second, at most
   ``concurrency`` downloads at once), retries with exponential backoff and jitter, a
   ``Retry-After`` on 429 and 503 pauses the whole host, and a User-Agent naming rainforest.
+  One urllib3 connection pool serves the run, so a host's files reuse its connections;
+  urllib3 follows redirects and retries failed connections, and every other retry is made
+  here, through the host's limit.
 - **Names before requests:** every source's output name is decided from its URL before anything
   is downloaded (sanitised, made unique), and kept in ``fetch.json``. A name that depended on a
   response (``Content-Disposition``) could not be known by a resumed run, which would then save
@@ -20,9 +23,9 @@ How it behaves:
   finish, so a killed run continues where it stopped.
 - **Atomic:** each file is built under a temporary name (:mod:`rainforest.storage`'s staging)
   and renamed, or uploaded in one piece; an S3-to-S3 copy is one server-side copy.
-- **Safe:** http, https and s3 only (redirects too); TLS verified; a size cap checked against
-  Content-Length and while streaming; an HTML or JSON page under an audio name is a recorded
-  failure, not a song.
+- **Safe:** http, https and s3 only (redirects too, at most 10); TLS verified; a size cap
+  checked against Content-Length and while streaming; an HTML or JSON page under an audio
+  name is a recorded failure, not a song.
 """
 
 from __future__ import annotations
@@ -42,14 +45,13 @@ import tempfile
 import threading
 import time
 import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from http.client import HTTPException
 from typing import Any
+
+import urllib3
 
 from rainforest import __version__, storage
 from rainforest.audio import sniff_reason
@@ -70,6 +72,7 @@ _CHUNK = 1 << 16
 _MAX_NAME = 120  # bytes: well under every filesystem's 255, with room for a hash suffix
 _RESERVED_NAMES = {FETCH_NAME, DATASET_MANIFEST_NAME, PLAN_NAME}
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_MAX_REDIRECTS = 10
 # Every fetch.json entry has every field; a failure leaves what it never learned as null.
 _EMPTY_ENTRY = {"bytes": None, "sha256": None, "etag": None, "final_url": None,
                 "content_type": None, "remote_name": None}
@@ -390,21 +393,60 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects to http and https only (urllib alone would also follow ftp)."""
+class _RetryPolicy(urllib3.util.Retry):
+    """urllib3's retries, with two changes: a redirect to a scheme other than http or https is
+    refused (urllib3 has no other scheme, but reports e.g. a ``file:`` target only as a URL
+    without a host), and the backoff sleep ends as soon as the run is stopped."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, newurl)).scheme
-        if scheme.lower() not in ("http", "https"):
-            raise _Failure(f"refused a redirect to {scheme!r} (only http and https are followed)",
-                           retry=False)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    stop = threading.Event()  # each run's policy carries the run's own (see _retry_policy)
+
+    def new(self, **changes: Any) -> _RetryPolicy:
+        fresh = super().new(**changes)
+        fresh.stop = self.stop
+        return fresh
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: Any = None, error: Exception | None = None, _pool: Any = None,
+                  _stacktrace: Any = None) -> _RetryPolicy:
+        location = response.get_redirect_location() if response is not None else None
+        if location:
+            scheme = urllib.parse.urlsplit(urllib.parse.urljoin(url or "", location)).scheme
+            if scheme.lower() not in ("http", "https"):  # urllib3 then releases the response
+                raise urllib3.exceptions.MaxRetryError(_pool, url, _Failure(
+                    f"refused a redirect to {scheme!r} (only http and https are followed)",
+                    retry=False))
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    def sleep(self, response: Any = None) -> None:
+        if self.stop.wait(self.get_backoff_time()):
+            raise KeyboardInterrupt
 
 
-def _opener() -> urllib.request.OpenerDirector:
-    context = ssl.create_default_context()  # certificate and host name verified
-    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
-                                       _SafeRedirects())
+def _retry_policy(config: FetchConfig, stop: threading.Event) -> _RetryPolicy:
+    """What urllib3 retries by itself: redirects (up to ``_MAX_REDIRECTS``) and connections
+    that failed before any request was sent, with the settings' backoff.
+
+    Everything the server answered, and every timeout or broken body, is returned to
+    :func:`fetch_one`, whose retries wait for the host's limiter: a retried request is a
+    request like any other, and a ``Retry-After`` must pause every thread on that host.
+    """
+    policy = _RetryPolicy(total=None, connect=config.retries, read=0, status=0, other=0,
+                          redirect=_MAX_REDIRECTS, raise_on_redirect=True,
+                          status_forcelist=(), respect_retry_after_header=False,
+                          backoff_factor=config.backoff, backoff_max=config.max_backoff,
+                          backoff_jitter=config.backoff)
+    policy.stop = stop
+    return policy
+
+
+def _connection_pool(config: FetchConfig) -> urllib3.PoolManager:
+    """One pool for the run, shared by the download threads, so the files of a host reuse its
+    connections."""
+    return urllib3.PoolManager(
+        maxsize=config.concurrency,  # a connection per download thread is kept for each host
+        headers={"User-Agent": USER_AGENT, "Accept": "*/*"},
+        timeout=urllib3.Timeout(connect=config.timeout, read=config.timeout),
+        ssl_context=ssl.create_default_context())  # certificate and host name verified
 
 
 # ----------------------------------------------------------------------------- one file
@@ -416,33 +458,44 @@ def _sniff(path: str) -> None:
         raise _Failure(reason, retry=False)
 
 
-def _http_failure(error: urllib.error.HTTPError) -> _Failure:
-    if error.code in (301, 302, 303, 307, 308):
-        return _Failure(f"redirect loop or too many redirects (HTTP {error.code}: {error.reason})",
-                        retry=False)
-    wait_for = (parse_retry_after(error.headers.get("Retry-After"))
-                if error.code in (429, 503) else None)
-    return _Failure(f"HTTP {error.code} {error.reason}", retry=error.code in _RETRY_STATUS,
+def _http_failure(response: urllib3.BaseHTTPResponse) -> _Failure:
+    status, reason = response.status, response.reason  # a 3xx here is one urllib3 can't follow
+    wait_for = (parse_retry_after(response.headers.get("Retry-After"))
+                if status in (429, 503) else None)
+    return _Failure(f"HTTP {status} {reason}", retry=status in _RETRY_STATUS,
                     retry_after=wait_for)
 
 
-def _network_failure(error: BaseException) -> _Failure:
-    reason = getattr(error, "reason", error)
-    if isinstance(reason, ssl.SSLCertVerificationError | ssl.CertificateError):
-        return _Failure(f"TLS certificate not trusted: {reason}", retry=False)
-    if isinstance(reason, TimeoutError):
+def _network_failure(error: Exception, config: FetchConfig) -> _Failure:
+    """A failure urllib3 raised, before or during the body, as a retried or final failure."""
+    if isinstance(error, urllib3.exceptions.MaxRetryError):  # urllib3's own retries ran out
+        error = error.reason
+    if isinstance(error, _Failure):  # a redirect _RetryPolicy refused
+        return error
+    if isinstance(error, urllib3.exceptions.ResponseError):
+        return _Failure(f"redirect loop or too many redirects (more than {_MAX_REDIRECTS})",
+                        retry=False)
+    cause = error.args[0] if error.args else None
+    if isinstance(cause, ssl.SSLCertVerificationError | ssl.CertificateError):
+        return _Failure(f"TLS certificate not trusted: {cause}", retry=False)
+    if isinstance(error, urllib3.exceptions.ReadTimeoutError):
         return _Failure("timed out: the server sent nothing for --timeout seconds", retry=True)
-    return _Failure(f"network error: {reason}", retry=True)
+    if isinstance(error, urllib3.exceptions.ConnectTimeoutError):  # refused, unknown host too
+        return _Failure(f"could not connect ({config.retries + 1} tries, with backoff): "
+                        f"{error}", retry=False)
+    return _Failure(f"network error: {error}", retry=True)
 
 
 class _Job:
-    """What a download thread needs besides the source: settings, limiter, progress."""
+    """What a download thread needs besides the source: settings, limiter, the connection
+    pool, progress."""
 
     def __init__(self, config: FetchConfig, limiter: HostLimiter, stop: threading.Event,
                  count_bytes: Callable[[int], None]) -> None:
         self.config, self.limiter, self.stop, self.count_bytes = (
             config, limiter, stop, count_bytes)
-        self.opener = _opener()
+        self.pool = _connection_pool(config)
+        self.retries = _retry_policy(config, stop)
 
 
 def _stream_to(response, staging: str, job: _Job, declared: int | None) -> tuple[int, str]:
@@ -470,28 +523,53 @@ def _stream_to(response, staging: str, job: _Job, declared: int | None) -> tuple
     return received, digest.hexdigest()
 
 
-def _fetch_http_once(source: Source, staging: str, job: _Job) -> dict[str, Any]:
-    request = urllib.request.Request(source.url, headers={"User-Agent": USER_AGENT,
-                                                          "Accept": "*/*"})
+def _request(source: Source, job: _Job) -> urllib3.BaseHTTPResponse:
+    """The response to GET ``source.url``, redirects followed, its body not yet read."""
     try:
-        with job.opener.open(request, timeout=job.config.timeout) as response:
-            length = response.headers.get("Content-Length")
-            declared = int(length) if length and length.strip().isdigit() else None
-            if declared is not None and declared > job.config.max_bytes:
-                raise _Failure(f"too large: Content-Length {declared:,} bytes is over the "
-                               f"{job.config.max_bytes:,}-byte cap (--max-bytes)", retry=False)
-            size, digest = _stream_to(response, staging, job, declared)
-            info = {"bytes": size, "sha256": digest, "final_url": response.geturl(),
-                    "etag": response.headers.get("ETag"),
-                    "content_type": response.headers.get("Content-Type"),
-                    "remote_name": content_disposition_name(
-                        response.headers.get("Content-Disposition"))}
-    except urllib.error.HTTPError as error:
-        raise _http_failure(error) from None
-    except (urllib.error.URLError, OSError, HTTPException) as error:
-        raise _network_failure(error) from None
+        return job.pool.request("GET", source.url, retries=job.retries, preload_content=False,
+                                decode_content=False,  # the bytes as sent, as Content-Length
+                                enforce_content_length=False)  # _stream_to says what is short
+    except urllib3.exceptions.HTTPError as error:
+        raise _network_failure(error, job.config) from None
+
+
+def _final_url(source: Source, response: urllib3.BaseHTTPResponse) -> str:
+    redirects = [step for step in response.retries.history if step.redirect_location]
+    if not redirects:
+        return source.url
+    return urllib.parse.urljoin(redirects[-1].url, redirects[-1].redirect_location)
+
+
+def _release(response: urllib3.BaseHTTPResponse) -> None:
+    """The connection back to the pool; closed first unless its body was read to the end
+    (urllib3 lets go of it then), since an unread rest would spoil the next request."""
+    if response.connection is not None:
+        response.close()
+    response.release_conn()
+
+
+def _fetch_http_once(source: Source, staging: str, job: _Job) -> dict[str, Any]:
+    response = _request(source, job)
+    try:
+        if not 200 <= response.status < 300:
+            raise _http_failure(response)
+        length = response.headers.get("Content-Length")
+        declared = int(length) if length and length.strip().isdigit() else None
+        if declared is not None and declared > job.config.max_bytes:
+            raise _Failure(f"too large: Content-Length {declared:,} bytes is over the "
+                           f"{job.config.max_bytes:,}-byte cap (--max-bytes)", retry=False)
+        size, digest = _stream_to(response, staging, job, declared)
+    except urllib3.exceptions.HTTPError as error:
+        raise _network_failure(error, job.config) from None
+    except OSError as error:  # urllib3 wraps its own: this one is the local file's
+        raise _Failure(f"could not write the download: {error}", retry=True) from None
+    finally:
+        _release(response)
     _sniff(staging)
-    return info
+    return {"bytes": size, "sha256": digest, "final_url": _final_url(source, response),
+            "etag": response.headers.get("ETag"),
+            "content_type": response.headers.get("Content-Type"),
+            "remote_name": content_disposition_name(response.headers.get("Content-Disposition"))}
 
 
 @contextlib.contextmanager
@@ -682,6 +760,7 @@ def fetch(sources: Sequence[Source], out: str, *, config: FetchConfig | None = N
         _download_all(pending, job, record, save=lambda: _write_manifest(out, entries, config),
                       save_every=save_every)
     finally:
+        job.pool.clear()  # close the connections kept for reuse
         files_bar.close()
         bytes_bar.close()
         _write_manifest(out, entries, config)

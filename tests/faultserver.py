@@ -2,8 +2,11 @@
 
 Each route is a function ``(handler, nth)`` where ``nth`` counts earlier requests for the same
 path, so a route can fail the first times and then succeed. The server records every request
-(arrival time on its own clock, path, User-Agent) and the most requests it had in flight at
-once, so tests judge the client by what the server saw.
+(arrival time on its own clock, path, User-Agent, which TCP connection carried it) and the
+most requests it had in flight at once, so tests judge the client by what the server saw.
+
+It speaks HTTP/1.0, one request per connection, unless made with ``keep_alive=True``: then
+HTTP/1.1, and a client may send many requests over one connection.
 
 Routes::
 
@@ -27,9 +30,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FaultServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, routes: dict) -> None:
+    def __init__(self, routes: dict, *, keep_alive: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.routes = routes
+        self.keep_alive = keep_alive
+        self.connections = 0  # accepted so far; each request's log entry names its own
         self.log: list[dict] = []
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -58,6 +63,18 @@ class FaultServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection; a closed socket ends a body
+    # As real servers do: otherwise a body written after its headers on a kept-alive
+    # connection waits for the client's delayed ACK (about 40 ms a response on Linux).
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:  # once per accepted connection
+        super().setup()
+        server: FaultServer = self.server
+        if server.keep_alive:
+            self.protocol_version = "HTTP/1.1"
+        with server.lock:
+            server.connections += 1
+            self.connection_number = server.connections
 
     def log_message(self, *args) -> None:  # keep pytest's output clean
         pass
@@ -68,7 +85,8 @@ class _Handler(BaseHTTPRequestHandler):
         with server.lock:
             nth = sum(1 for entry in server.log if entry["path"] == path)
             server.log.append({"time": time.monotonic(), "path": path,
-                               "user_agent": self.headers.get("User-Agent", "")})
+                               "user_agent": self.headers.get("User-Agent", ""),
+                               "connection": self.connection_number})
             server.in_flight += 1
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:

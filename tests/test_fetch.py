@@ -6,9 +6,11 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +289,75 @@ def test_retry_after_pauses_the_whole_host(tmp_path):
     # host-wide pause the others would go on at 2/s while /a.mp3 waits).
     assert len(after) >= 3 and "/a.mp3" in {e["path"] for e in after}
     assert min(e["time"] for e in after) - refused >= 0.95
+
+
+def test_files_of_one_host_share_its_connections(tmp_path):
+    paths = [f"/r{i}.mp3" for i in range(8)]
+    routes = {path: fs.ok(song_bytes(1000, i)) for i, path in enumerate(paths)}
+    with fs.FaultServer(routes, keep_alive=True) as server:
+        summary = fetch([Source(server.url(p)) for p in paths], str(tmp_path / "out"),
+                        config=FetchConfig(**{**QUICK, "concurrency": 2}), progress=False,
+                        log=lambda line: None)
+        connections = {entry["connection"] for entry in server.log}
+    assert summary["fetched"] == len(paths) and len(server.log) == len(paths)
+    # Two threads keep at most two connections open; eight files over fresh connections
+    # would have needed eight.
+    assert 1 <= len(connections) <= 2, connections
+
+
+def test_redirects_are_followed_up_to_ten_over_http_only(tmp_path):
+    def chain(name: str, hops: int) -> dict:
+        links = {f"/{name}{i}.mp3": fs.redirect(f"/{name}{i + 1}.mp3") for i in range(hops)}
+        return {**links, f"/{name}{hops}.mp3": fs.ok(SONG)}
+
+    routes = {**chain("ten", 10), **chain("eleven", 11),
+              "/to-file.mp3": fs.redirect("file:///etc/passwd"),
+              "/to-ftp.mp3": fs.redirect("ftp://127.0.0.1/x.mp3")}
+    starts = ["/ten0.mp3", "/eleven0.mp3", "/to-file.mp3", "/to-ftp.mp3"]
+    with fs.FaultServer(routes) as server:
+        summary = fetch([Source(server.url(p)) for p in starts], str(tmp_path / "out"),
+                        config=FetchConfig(**QUICK), progress=False, log=lambda line: None)
+        seen = [entry["path"] for entry in server.log]
+    entries = entries_by_path(tmp_path / "out", server)
+    assert entries["/ten0.mp3"]["status"] == "ok"
+    assert entries["/ten0.mp3"]["final_url"] == server.url("/ten10.mp3")
+    eleven = entries["/eleven0.mp3"]
+    assert eleven["status"] == "failed" and eleven["attempts"] == 1, eleven
+    assert "too many redirects (more than 10)" in eleven["reason"]
+    # The first request and ten redirects: the eleventh is not followed, nor retried.
+    assert [p for p in seen if p.startswith("/eleven")] == [
+        f"/eleven{i}.mp3" for i in range(11)]
+    for path, scheme in (("/to-file.mp3", "file"), ("/to-ftp.mp3", "ftp")):
+        entry = entries[path]
+        assert (entry["status"], entry["attempts"]) == ("failed", 1), entry
+        assert f"refused a redirect to {scheme!r}" in entry["reason"]
+        assert seen.count(path) == 1
+    assert summary["failed"] == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fetch.json", "ten0.mp3"]
+
+
+def test_a_url_with_spaces_and_accents_is_sent_percent_encoded(tmp_path):
+    with fs.FaultServer({"/%C3%A9t%C3%A9%20song.mp3": fs.ok(SONG)}) as server:
+        summary = fetch([Source(server.url("/été song.mp3"))], str(tmp_path / "out"),
+                        config=FetchConfig(**QUICK), progress=False, log=lambda line: None)
+        assert [entry["path"] for entry in server.log] == ["/%C3%A9t%C3%A9%20song.mp3"]
+    assert summary["fetched"] == 1 and (tmp_path / "out" / "été song.mp3").read_bytes() == SONG
+
+
+def test_a_refused_connection_is_retried_with_backoff_within_one_attempt(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = FetchConfig(**{**QUICK, "retries": 3, "backoff": 0.2})
+    started = time.monotonic()
+    summary = fetch([Source(f"http://127.0.0.1:{port}/a.mp3")], str(tmp_path / "out"),
+                    config=config, progress=False, log=lambda line: None)
+    elapsed = time.monotonic() - started
+    entry = json.loads((tmp_path / "out" / "fetch.json").read_text())["entries"][0]
+    assert summary["failed"] == 1 and entry["attempts"] == 1, entry
+    assert "could not connect (4 tries" in entry["reason"] and "refused" in entry["reason"]
+    # urllib3 waits 0, 2 and 4 times the backoff between its four tries.
+    assert elapsed >= 6 * config.backoff, elapsed
 
 
 def test_rerun_skips_what_is_fetched_and_refetches_what_changed(tmp_path):
