@@ -34,13 +34,28 @@ PLAN_NAME = "plan.json"
 SHARD_DIR = "shards"
 
 
+SHARD_PREFIX = "part-"
+CODES_SUFFIX = ".npy"  # a shard's codes
+RECORD_SUFFIX = ".json"  # its record, written after the codes
+
+
 def shard_name(number: int) -> str:
-    return f"part-{number:05d}"
+    return f"{SHARD_PREFIX}{number:05d}"
 
 
 def shard_number(name: str) -> int:
     """The number in a shard's name: ``shard_number(shard_name(n)) == n``."""
-    return int(name.split("-")[1])
+    return int(name[len(SHARD_PREFIX):])
+
+
+def shard_codes_path(name: str) -> str:
+    """Where a shard's codes are, relative to the dataset (the manifest's ``path``)."""
+    return f"{SHARD_DIR}/{name}{CODES_SUFFIX}"
+
+
+def shard_record_path(name: str) -> str:
+    """Where a shard's record is, relative to the dataset."""
+    return f"{SHARD_DIR}/{name}{RECORD_SUFFIX}"
 
 
 _ADVICE = "upgrade rainforest or re-run `rainforest preprocess` into a new folder"
@@ -277,7 +292,7 @@ def shard_record(name: str, writer: ShardWriter, *, size: int, sha256: str | Non
     """The ``part-NNNNN.json`` record of a shard (``songs`` empty: no ``.npy`` was kept)."""
     return {
         "format": SHARD_FORMAT, "version": VERSION, "name": name,
-        "path": f"{SHARD_DIR}/{name}.npy" if songs else None,
+        "path": shard_codes_path(name) if songs else None,
         "samples": writer.samples, "bytes": size, "sha256": sha256, "songs": songs,
         "failed": failed,
     }
@@ -288,7 +303,7 @@ def read_shard_records(out: str) -> dict[str, dict[str, Any]]:
     shard_dir = storage.join(out, SHARD_DIR)
     records = {}
     for name in storage.list_names(shard_dir):
-        if name.startswith("part-") and name.endswith(".json"):
+        if name.startswith(SHARD_PREFIX) and name.endswith(RECORD_SUFFIX):
             url = storage.join(shard_dir, name)
             record = storage.read_json(url)
             check_header(record, SHARD_FORMAT, url)

@@ -36,9 +36,11 @@ from rainforest.dataset import (
     build_manifest,
     read_plan,
     read_shard_records,
+    shard_codes_path,
     shard_name,
     shard_number,
     shard_record,
+    shard_record_path,
     write_plan,
 )
 from rainforest.errors import AudioDecodeError, ParameterError, StorageError
@@ -152,8 +154,7 @@ def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> di
     :class:`StorageError`: the run stops, nothing half-written stays, and a re-run resumes.
     A shard all of whose songs failed gets a record but no ``.npy``.
     """
-    shard_dir = storage.join(out, SHARD_DIR)
-    target = storage.join(shard_dir, shard["name"] + ".npy")
+    target = storage.join(out, shard_codes_path(shard["name"]))
     with storage.reported(f"writing shard {shard['name']} of {out}"):
         writer = ShardWriter(target)
         try:
@@ -167,7 +168,7 @@ def process_shard(shard: dict[str, Any], *, out: str, config: AudioConfig) -> di
             raise
         record = shard_record(shard["name"], writer, size=size, sha256=digest, songs=songs,
                               failed=failed)
-        storage.write_json_atomic(storage.join(shard_dir, shard["name"] + ".json"), record)
+        storage.write_json_atomic(storage.join(out, shard_record_path(shard["name"])), record)
     return record
 
 
