@@ -247,11 +247,49 @@ def _stand_in_for_the_vms(client, processes: list, worker_joins: bool = True) ->
         processes.append(_run_like_the_vm(client, worker))
 
 
+def _in_session(session: int) -> list[int]:
+    """Live processes of a session (a zombie has already let go of everything)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended while we looked
+        if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            members.append(int(entry))
+    return members
+
+
 def _stop_stand_ins(processes: list[subprocess.Popen]) -> None:
+    """Kill each stand-in's whole session, and check that none of its processes lives on."""
     for process in processes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
+    for process in processes:
+        with contextlib.suppress(AssertionError):
+            _wait_for(lambda session=process.pid: not _in_session(session), seconds=30)
+        left = _in_session(process.pid)
+        assert not left, f"stand-in processes outlived their VM: {left}"
+
+
+def test_the_stand_in_check_sees_what_a_killed_parent_leaves_behind():
+    """What _stop_stand_ins relies on: a child outlives its SIGKILLed parent in the session,
+    and only killing the process group ends it."""
+    parent = subprocess.Popen(["sh", "-c", "sleep 300 & echo started; wait"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == "started"
+        parent.kill()  # the parent alone, as a SIGKILLed nanny
+        parent.wait(30)
+        assert _in_session(parent.pid), "the orphan was not seen"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+    _wait_for(lambda: not _in_session(parent.pid), seconds=30)
 
 
 def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, song_dir,
