@@ -2,13 +2,13 @@
 
 dask-cloudprovider's real ``EC2Cluster`` makes its real AWS calls (``RunInstances``,
 ``CreateTags``, ``DescribeInstances``, ``TerminateInstances``) to moto; nothing in them is
-patched. moto's VMs do not boot, so the tests put the VPC's subnet in 127.0.0.0/8: a VM's
-private address is then a loopback address of this machine, and where a test needs a VM to
-answer, it runs the VM's own container command, read from its user data (TLS certificates
-included), in this venv instead of the docker image: the scheduler's on that address, and the
-worker's as it is. Nothing is stubbed, not even the scheduler-reachability probe that the
-architecture notes expected to stub: it really connects, and where nothing answers, it really
-fails.
+patched. moto's VMs do not boot, so where a test needs a VM to answer, it runs the VM's own
+container command, read from its user data (TLS certificates included), in this venv instead
+of the docker image, in a network namespace at the private address moto gave that VM
+(tests/vmnet.py): the client, the scheduler's VM and the worker's VM each talk through their
+own address, across a real network boundary. Nothing is stubbed, not even the
+scheduler-reachability probe that the architecture notes expected to stub: it really
+connects, and where nothing answers, it really fails.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import base64
 import contextlib
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from interrupt import signal_when, when
 from rainforest import __version__
 from rainforest.ec2 import RUN_TAG, EC2Settings, ec2_cluster
 from rainforest.errors import ParameterError, RainforestError
+from vmnet import VMNetwork
 
 pytestmark = [pytest.mark.ec2, pytest.mark.slow]
 
@@ -42,18 +44,23 @@ SCHEDULER_TYPE, WORKER_TYPE = "t3.small", "c5.large"
 
 @pytest.fixture
 def network(aws):
-    """A VPC whose subnet is loopback, a security group and an AMI, in fresh moto state."""
+    """A VPC, its subnet held on this machine by a VMNetwork (each VM that a test runs gets a
+    namespace at its private address), a security group and an AMI, in fresh moto state."""
     import boto3
 
     client = boto3.client("ec2")
-    vpc = client.create_vpc(CidrBlock="127.0.0.0/16")["Vpc"]["VpcId"]
-    block = random.randrange(10, 250)  # spread tests over loopback /24s
-    subnet = client.create_subnet(VpcId=vpc, CidrBlock=f"127.0.{block}.0/24")["Subnet"]
+    vpc = client.create_vpc(CidrBlock="198.18.0.0/16")["Vpc"]["VpcId"]
+    block = random.randrange(256)  # two test runs on one machine rarely share a subnet
+    subnet = client.create_subnet(VpcId=vpc, CidrBlock=f"198.18.{block}.0/24")["Subnet"]
     group = client.create_security_group(GroupName="rainforest-test", Description="test",
                                          VpcId=vpc)["GroupId"]
     ami = client.describe_images()["Images"][0]["ImageId"]
-    return {"client": client, "vpc": vpc, "subnet": subnet["SubnetId"], "group": group,
-            "ami": ami}
+    vms = VMNetwork(subnet["CidrBlock"]).start()
+    try:
+        yield {"client": client, "vpc": vpc, "subnet": subnet["SubnetId"], "group": group,
+               "ami": ami, "vms": vms}
+    finally:
+        vms.stop()
 
 
 def _settings(network, **changes) -> EC2Settings:
@@ -225,26 +232,27 @@ def _container_command(user_data: str) -> list[str]:
     return [sys.executable if word == "python" else word for word in command]
 
 
-def _run_like_the_vm(client, instance: dict, extra=()) -> subprocess.Popen:
-    """The VM's command in a session of its own: a nanny and the worker it starts go
-    together when the test kills the process group, even if the nanny was SIGKILLed."""
-    command = _container_command(_user_data(client, instance["InstanceId"]))
-    return subprocess.Popen([*command, *extra], stdout=subprocess.DEVNULL,
+def _run_like_the_vm(network, instance: dict) -> subprocess.Popen:
+    """The VM's command, as its user data has it, in a namespace at the VM's private address
+    and in a session of its own: a nanny and the worker it starts go together when the test
+    kills the process group, even if the nanny was SIGKILLed."""
+    command = _container_command(_user_data(network["client"], instance["InstanceId"]))
+    vm = network["vms"].boot(instance["PrivateIpAddress"])
+    return subprocess.Popen([*vm, *command], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _stand_in_for_the_vms(client, processes: list, worker_joins: bool = True) -> None:
-    """Run each VM's own container command (from its user data, TLS certificates and all),
-    the scheduler's on the VM's loopback address, as soon as moto holds the VM; with
-    ``worker_joins`` false, the worker VM stays silent (its cloud-init failed, say)."""
+def _stand_in_for_the_vms(network, processes: list, worker_joins: bool = True) -> None:
+    """Run each VM's own container command (from its user data, TLS certificates and all) at
+    its own address as soon as moto holds the VM; with ``worker_joins`` false, the worker VM
+    stays silent (its cloud-init failed, say)."""
+    client = network["client"]
     [scheduler] = _wait_for(lambda: [i for i in _ours(client)
                                      if i["InstanceType"] == SCHEDULER_TYPE])
-    assert scheduler["PrivateIpAddress"].startswith("127.0.")
-    processes.append(_run_like_the_vm(client, scheduler,
-                                      ["--host", scheduler["PrivateIpAddress"]]))
+    processes.append(_run_like_the_vm(network, scheduler))
     [worker] = _wait_for(lambda: [i for i in _ours(client) if i["InstanceType"] == WORKER_TYPE])
     if worker_joins:
-        processes.append(_run_like_the_vm(client, worker))
+        processes.append(_run_like_the_vm(network, worker))
 
 
 def _in_session(session: int) -> list[int]:
@@ -298,7 +306,7 @@ def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, s
     command, run as it is, joins the scheduler's over tls://."""
     client, settings = network["client"], _settings(network, start_timeout=120.0)
     processes: list[subprocess.Popen] = []
-    helper = _Helper(_stand_in_for_the_vms, client, processes)
+    helper = _Helper(_stand_in_for_the_vms, network, processes)
     helper.start()
     try:
         result = run_cli("preprocess", song_dir, "--out", tmp_path / "ec2", "--no-progress",
@@ -315,6 +323,9 @@ def test_preprocess_on_ec2_runs_on_the_vms_and_leaves_nothing_running(network, s
     assert command[0] == "env" and command[1].startswith("DASK_INTERNAL_INHERIT_CONFIG=")
     assert command[3:7] == ["-m", "distributed.cli.dask_spec", f"tls://"
                             f"{scheduler['PrivateIpAddress']}:{settings.scheduler_port}", "--spec"]
+    # The shards were built in the worker VM's namespace, reached at its own address.
+    assert re.search(rf"worker tls://{re.escape(worker['PrivateIpAddress'])}:\d+: \d+ shard",
+                     result.stdout), result.stdout
     _assert_nothing_left_running(client)
     run_cli("preprocess", song_dir, "--out", tmp_path / "local", "--cluster", "sync",
             "--songs-per-shard", "2", "--no-progress")
@@ -325,12 +336,13 @@ def test_an_error_while_the_vms_are_up_terminates_every_vm(network):
     """The run's own code fails inside the ``with`` block, with the cluster started."""
     client, settings = network["client"], _settings(network, start_timeout=120.0)
     processes: list[subprocess.Popen] = []
-    helper = _Helper(_stand_in_for_the_vms, client, processes)
+    helper = _Helper(_stand_in_for_the_vms, network, processes)
     helper.start()
     try:
         with pytest.raises(ZeroDivisionError, match="the run's own failure"), \
                 ec2_cluster(settings, quiet=True) as cluster:
-            assert cluster.scheduler_address.startswith("tls://127.0.")
+            [vm] = [i for i in _ours(client) if i["InstanceType"] == SCHEDULER_TYPE]
+            assert cluster.scheduler_address.startswith(f"tls://{vm['PrivateIpAddress']}:")
             assert len(_ours(client, "pending", "running")) == 2  # both VMs up
             raise ZeroDivisionError("the run's own failure")
         helper.join(60)
@@ -345,7 +357,7 @@ def test_a_worker_vm_that_never_joins_is_a_clear_error_and_terminates_every_vm(
     also bounds the scheduler stand-in's start, so it is generous for a loaded machine."""
     client, settings = network["client"], _settings(network, start_timeout=60.0)
     processes: list[subprocess.Popen] = []
-    helper = _Helper(_stand_in_for_the_vms, client, processes, False)
+    helper = _Helper(_stand_in_for_the_vms, network, processes, False)
     helper.start()
     try:
         result = run_cli("preprocess", song_dir, "--out", tmp_path / "out", "--no-progress",
