@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,10 @@ from rainforest.preprocess import preprocess
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multinode]
+#: Seconds from a worker node's power cut to the scheduler removing its worker: Dask's TCP
+#: timeout (distributed.comm.timeouts.tcp, 30 s: keepalive probes and TCP_USER_TIMEOUT), with
+#: slack for a loaded machine.
+LOST_WORKER_BOUND_SECONDS = 60
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +91,17 @@ def test_cluster_slurm_from_the_login_node_uses_workers_on_both_nodes(interface,
     assert_same_tree(out, local_dataset)
 
 
+def _preprocess_command(songs: Path, out: Path, folder: Path, *flags: str) -> list[str]:
+    return [*RAINFOREST, "preprocess", str(songs), "--out", str(out), "--cluster", "slurm",
+            "--no-progress", "--songs-per-shard", "1", "--slurm-cores", "1",
+            "--slurm-memory", "500MB", "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
+            "--slurm-max-jobs", "2", "--slurm-start-timeout", "60",
+            f"--slurm-directive=--chdir={folder}", *flags]
+
+
 def _preprocess_on_slurm(nodes: MultiNode, songs: Path, out: Path, folder: Path, *flags: str):
-    return nodes.run(
-        *RAINFOREST, "preprocess", str(songs), "--out", str(out), "--cluster", "slurm",
-        "--no-progress", "--songs-per-shard", "1", "--slurm-cores", "1",
-        "--slurm-memory", "500MB", "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
-        "--slurm-max-jobs", "2", "--slurm-start-timeout", "60",
-        f"--slurm-directive=--chdir={folder}", *flags,
-        env=_env(nodes), check=False, cwd=folder, timeout=300)
+    return nodes.run(*_preprocess_command(songs, out, folder, *flags), env=_env(nodes),
+                     check=False, cwd=folder, timeout=300)
 
 
 def test_a_worker_job_that_fails_is_named_with_its_output_file(nodes, songs, local_dataset,
@@ -295,3 +303,64 @@ def test_elastic_training_goes_on_after_a_node_loses_power(local_dataset, tmp_pa
             process.kill()
             process.wait()
         cluster.stop()
+
+
+def _seconds_processed(output: str) -> float:
+    return float(re.search(r"song\(s\) processed in ([\d.]+) s", output).group(1))
+
+
+def test_preprocessing_on_slurm_goes_on_after_a_worker_node_loses_power(tmp_path):
+    """Two nodes of their own (n1 is lost): the same songs are preprocessed without a loss,
+    then again with n1's power cut once both workers have built shards. The run ends on n0
+    with the dataset of a local run, and names the lost worker, its node and its Slurm job."""
+    songs, runs = tmp_path / "songs", tmp_path / "runs"
+    songs.mkdir()
+    runs.mkdir()
+    for index in range(12):  # ~1 s of work each: long enough to cut mid-run
+        audiogen.write_song(songs / f"song{index:02d}.wav", seconds=40.0, rate=44100,
+                            channels=2, leading_silence=0.2, trailing_silence=0.3,
+                            freq=150.0 + 25 * index, seed=index)
+    local = tmp_path / "local"
+    preprocess([str(songs)], str(local), cluster="sync", songs_per_shard=1, progress=False,
+               log=lambda line: None)
+    cluster = MultiNode(2).start()
+    try:
+        whole = _preprocess_on_slurm(cluster, songs, runs / "whole", runs)
+        assert whole.returncode == 0, whole.stdout + whole.stderr
+        assert "lost worker" not in whole.stdout + whole.stderr
+        out, log = runs / "cut", runs / "cut.log"
+        process = subprocess.Popen(
+            [*cluster.enter("login"), f"--wd={runs}", *_preprocess_command(songs, out, runs)],
+            env=_env(cluster), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while len(list((out / "shards").glob("*.json"))) < 2:
+                assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+                time.sleep(0.05)
+            jobs = dict(line.split() for line in cluster.run(
+                "squeue", "-h", "-t", "R", "-o", "%N %i").stdout.splitlines())
+            cluster.power_cut("n1")
+            cut = time.time()
+            process.wait(timeout=240)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        output = log.read_text()
+    finally:
+        cluster.stop()
+    assert process.returncode == 0, output
+    lost = re.findall(r"lost worker tcp://([\d.]+):\d+ \(on (\w+), Slurm job (\d+)\) mid-run: "
+                      r"the scheduler removed it at (\S+);", output)
+    assert len(lost) == 1, output
+    assert lost[0][:3] == (cluster.addresses["n1"], "n1", jobs["n1"]), output
+    assert "the run ended with 1 worker(s), having lost 1" in output, output
+    assert cluster.addresses["n0"] in _shards_by_host(output), output
+    assert_same_tree(out, local)
+    assert_same_tree(runs / "whole", local)
+    removed = datetime.fromisoformat(lost[0][3]).timestamp() - cut
+    print("\n".join(line for line in output.splitlines() if "lost" in line))
+    print(f"12 songs on 2 nodes: {_seconds_processed(whole.stdout):.1f} s without a loss, "
+          f"{_seconds_processed(output):.1f} s with n1's power cut after 2 shards; the "
+          f"scheduler removed n1's worker {removed:.1f} s after the cut")
+    assert removed < LOST_WORKER_BOUND_SECONDS, output
