@@ -33,6 +33,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multinode]
 #: timeout (distributed.comm.timeouts.tcp, 30 s: keepalive probes and TCP_USER_TIMEOUT), with
 #: slack for a loaded machine.
 LOST_WORKER_BOUND_SECONDS = 60
+#: --stall-timeout of a non-elastic job that loses a node: its surviving rank waits that long
+#: in a collective that never ends (MPI's do not time out) before its watchdog ends it.
+STALL_SECONDS = 30
+#: Seconds from the power cut of one node of a non-elastic job to the job's end: Slurm's
+#: SlurmdTimeout (20 s in tests/multinode.py) or the stall watchdog, whichever comes first,
+#: plus KillWait (5 s) and slack for a loaded machine.
+NODE_LOSS_BOUND_SECONDS = 90
 
 
 @pytest.fixture(scope="module")
@@ -364,3 +371,71 @@ def test_preprocessing_on_slurm_goes_on_after_a_worker_node_loses_power(tmp_path
           f"{_seconds_processed(output):.1f} s with n1's power cut after 2 shards; the "
           f"scheduler removed n1's worker {removed:.1f} s after the cut")
     assert removed < LOST_WORKER_BOUND_SECONDS, output
+
+
+def _training_on(cluster: MultiNode, host: str) -> list[int]:
+    """The pids of ``rainforest train`` ranks on ``host``."""
+    found = []
+    for pid in cluster.pids(host):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"rainforest") for part in command) and b"train" in command:
+            found.append(pid)
+    return found
+
+
+def test_a_two_node_train_job_that_loses_a_node_ends_and_resumes_on_the_survivor(local_dataset,
+                                                                                 tmp_path):
+    """Two nodes of their own (n1 is lost). Without --elastic a lost node ends the job: Slurm
+    finds n1 not responding (SlurmdTimeout, 20 s here) and kills the job, and the rank on n0,
+    stuck in a collective, is ended by the stall watchdog if Slurm has not done it. The run
+    then goes on from its last checkpoint on n0 alone."""
+    run = tmp_path / "run"
+    cluster = MultiNode(2).start()
+    try:
+        job = cluster.submit(
+            str(REPO / "slurm/train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
+            f"--output={tmp_path / 'first.out'}", f"--chdir={tmp_path}",
+            script_args=(*TINY_TRAINING, "--steps", "100000", "--val-every", "100000",
+                         "--checkpoint-every", "10", "--stall-timeout", str(STALL_SECONDS)),
+            env=_env(cluster, DATASET=local_dataset, RUN=run), cwd=str(REPO))
+        deadline = time.monotonic() + 300
+        while len(_logged_steps(run)) < 25:
+            assert time.monotonic() < deadline, (tmp_path / "first.out").read_text()
+            time.sleep(0.2)
+        cluster.power_cut("n1")
+        cut = time.monotonic()
+        while cluster.job_field(job, "JobState") == "RUNNING" or _training_on(cluster, "n0"):
+            assert time.monotonic() - cut < NODE_LOSS_BOUND_SECONDS, cluster.logs()
+            time.sleep(0.5)
+        ended = time.monotonic() - cut
+        state = cluster.job_field(job, "JobState")
+        logged = _logged_steps(run)[-1]
+        saved = int(re.search(r"(\d+)$", checkpoint.latest(str(run))).group(1))
+        cluster.run("scancel", job)  # requeued by Slurm, it would wait for 2 nodes
+        cluster.wait(job, timeout=60, states=("CANCELLED", "COMPLETED", "FAILED", "NODE_FAIL"))
+        log = tmp_path / "resume.out"
+        resumed = cluster.submit(
+            str(REPO / "slurm/train.sbatch"), "--nodes=1", "--ntasks-per-node=1",
+            f"--output={log}", f"--chdir={tmp_path}",
+            script_args=(*TINY_TRAINING, "--steps", str(saved + 15), "--val-every", "100000",
+                         "--checkpoint-every", "10"),
+            env=_env(cluster, DATASET=local_dataset, RUN=run), cwd=str(REPO))
+        final = cluster.wait(resumed, timeout=300)
+        output = log.read_text() if log.exists() else "(no output file)"
+        first = (tmp_path / "first.out").read_text()
+    finally:
+        cluster.stop()
+    print(f"n1 lost at step {logged}: the job ended ({state}) {ended:.1f} s after the cut; "
+          f"resumed on n0 from the checkpoint of step {saved}, redoing {logged - saved} step(s)")
+    print("\n".join(line for line in first.splitlines()
+                    if re.search(r"srun|stall|error|rainforest:", line)))
+    assert final == "COMPLETED", output
+    assert re.search(rf"resuming \S+ at step {saved}\b", output), output
+    assert f"done: step {saved + 15} on 1 rank(s)" in output, output
+    if logged > saved:
+        assert f"metrics.jsonl: steps {saved + 1}-{logged} were trained after the checkpoint " \
+               f"of step {saved}" in output, output
+    assert _logged_steps(run) == list(range(1, saved + 16)), "a step was lost or logged twice"
