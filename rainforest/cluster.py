@@ -270,8 +270,9 @@ def local_versions() -> dict[str, str]:
             for name in CHECKED_PACKAGES}
 
 
-def preflight(client, *, reads: Sequence[str], write: str) -> int:
-    """Check every worker before any work; returns how many were checked.
+def preflight(client, *, reads: Sequence[str], write: str) -> dict[str, str]:
+    """Check every worker before any work; returns where each one runs, by address
+    ("on n1, Slurm job 14"), so that a worker lost later can be named.
 
     Raises
     ------
@@ -280,7 +281,7 @@ def preflight(client, *, reads: Sequence[str], write: str) -> int:
         read an input or write the output, and what to do about it.
     """
     if client is None:
-        return 0
+        return {}
     ours = local_versions()
     reports = client.run(_probe_by_value(), list(CHECKED_PACKAGES), list(reads), write)
     problems = []
@@ -299,4 +300,46 @@ def preflight(client, *, reads: Sequence[str], write: str) -> int:
             + ", ".join(f"{k} {v}" for k, v in ours.items())
             + "), e.g. activate its venv in the job prologue (--slurm-prologue), and need to "
             "see the inputs and output on a shared filesystem or s3://.")
-    return len(reports)
+    return {worker: _place(report) for worker, report in reports.items()}
+
+
+def _place(report: dict) -> str:
+    job = report.get("slurm_job")
+    return f"on {report.get('host', '?')}" + (f", Slurm job {job}" if job else "")
+
+
+# ----------------------------------------------------------------------------- lost workers
+
+
+def lost_workers(client, *, since: float, places: dict[str, str]) -> list[dict]:
+    """Workers the scheduler removed unasked (died, or became unreachable) since ``since``
+    (seconds since the epoch), from its event log: address, where it ran (from
+    :func:`preflight`), when it was removed, and how many tasks it had been given.
+
+    A worker that retires when asked (adaptive scale-down, ``--slurm-lifetime``) is not lost.
+    """
+    if client is None:
+        return []
+    lost = []
+    for stamp, event in client.get_events("all"):
+        if not (isinstance(event, dict) and event.get("action") == "remove-worker"
+                and not event.get("expected") and stamp >= since):
+            continue
+        address = event["worker"]
+        lost.append({"address": address, "place": places.get(address, "not seen at preflight"),
+                     "removed_at": stamp, "running": len(event.get("processing-tasks") or ()),
+                     "results_lost": len(event.get("lost-computed-tasks") or ())})
+    return lost
+
+
+def describe_lost_worker(worker: dict) -> str:
+    """One line for a lost worker, saying when the scheduler gave up on it."""
+    from datetime import UTC, datetime
+
+    when = datetime.fromtimestamp(worker["removed_at"], UTC)
+    line = (f"lost worker {worker['address']} ({worker['place']}) mid-run: the scheduler "
+            f"removed it at {when.isoformat(timespec='milliseconds')}; the "
+            f"{worker['running']} task(s) it had been given were run again on the others")
+    if worker["results_lost"]:
+        line += f", and the {worker['results_lost']} result(s) it held were computed again"
+    return line

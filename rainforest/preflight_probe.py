@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import sys
 import uuid
 
 
 def probe(packages: list[str], reads: list[str], write: str) -> dict:
-    """This interpreter, the versions of ``packages``, and what it cannot read or write."""
-    report: dict = {"python": sys.executable, "versions": {}, "missing": {}, "cannot": []}
+    """This interpreter, the versions of ``packages``, what it cannot read or write, and
+    where it runs (the host, and the Slurm job if any, to name the worker if it is lost)."""
+    report: dict = {"python": sys.executable, "versions": {}, "missing": {}, "cannot": [],
+                    "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID")}
     for name in packages:
         try:
             report["versions"][name] = getattr(importlib.import_module(name), "__version__", "?")

@@ -245,13 +245,17 @@ def _run_bag(client, function: Callable, items: list, *, description: str, unit:
 
         futures = client.compute(bag.to_delayed())
         index_of = {future.key: index for index, future in enumerate(futures)}
-        for future in as_completed(futures):
-            results[index_of[future.key]] = future.result()[0]
-            bar.update(1)
-        if where is not None:
-            for holders in client.who_has(futures).values():
-                for address in holders[:1]:  # where it was computed, unless copied since
-                    where[address] = where.get(address, 0) + 1
+        for batch in as_completed(futures).batches():
+            if where is not None:
+                for holders in client.who_has(batch).values():
+                    for address in holders[:1]:  # the worker that computed it
+                        where[address] = where.get(address, 0) + 1
+            for future in batch:
+                results[index_of[future.key]] = future.result()[0]
+                # Released once fetched: a worker lost later does not take the result with
+                # it, so the scheduler does not build that shard again.
+                future.release()
+                bar.update(1)
     return results
 
 
@@ -302,7 +306,7 @@ def preprocess(
     --------
     >>> preprocess(["songs/"], "dataset/", cluster="local:2")    # doctest: +SKIP
     """
-    from rainforest.cluster import connect, preflight
+    from rainforest.cluster import connect, describe_lost_worker, lost_workers, preflight
 
     config = config or AudioConfig()
     if songs_per_shard < 1:
@@ -323,9 +327,10 @@ def preprocess(
     with connect(cluster, settings=cluster_settings, quiet=not progress, log=log) as client:
         if client is not None:
             log(f"Dask dashboard: {client.dashboard_link}")
-        checked = preflight(client, reads=[storage.canonical(s) for s in sources], write=out)
-        if checked:
-            log(f"preflight: {checked} worker(s) run this environment and see the data")
+        places = preflight(client, reads=[storage.canonical(s) for s in sources], write=out)
+        if places:
+            log(f"preflight: {len(places)} worker(s) run this environment and see the data")
+        since = time.time()
         plan = _plan_run(client, listed, out, config, old_plan, songs_per_shard=songs_per_shard,
                          labels=labels, progress=progress)
         if plan.skipped:
@@ -337,6 +342,12 @@ def preprocess(
 
         new_records = _run_bag(client, process, plan.pending, description="preprocess",
                                unit="shard", progress=progress, where=workers)
+        lost = lost_workers(client, since=since, places=places)
+        for worker in lost:
+            log(f"warning: {describe_lost_worker(worker)}")
+        if lost:
+            log(f"the run ended with {len(client.scheduler_info(n_workers=-1)['workers'])} "
+                f"worker(s), having lost {len(lost)}")
     if workers:
         log(f"{len(new_records)} shard(s) built by {len(workers)} worker(s):")
         for address, count in sorted(workers.items()):
@@ -349,7 +360,8 @@ def preprocess(
     manifest = build_manifest(config, records, unreadable, plan.duplicates)
     with storage.reported(f"writing the manifest of {out}"):
         storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
-    return _summary(out, manifest, new_records, plan, time.perf_counter() - started, workers)
+    return _summary(out, manifest, new_records, plan, time.perf_counter() - started, workers,
+                    lost)
 
 
 @dataclass
@@ -385,7 +397,8 @@ def _plan_run(client, listed, out: str, config: AudioConfig, old_plan, *, songs_
 
 
 def _summary(out: str, manifest: dict[str, Any], new_records: list[dict[str, Any]],
-             plan: _RunPlan, elapsed: float, workers: dict[str, int]) -> dict[str, Any]:
+             plan: _RunPlan, elapsed: float, workers: dict[str, int],
+             lost: list[dict]) -> dict[str, Any]:
     processed_seconds = sum(s["source_seconds"] for r in new_records for s in r["songs"])
     return {
         "dataset": out,
@@ -399,6 +412,7 @@ def _summary(out: str, manifest: dict[str, Any], new_records: list[dict[str, Any
         "elapsed_seconds": elapsed,
         "realtime_factor": processed_seconds / elapsed if elapsed > 0 else 0.0,
         "workers": workers,  # shards built by each worker address this run
+        "lost_workers": lost,  # workers removed mid-run (cluster.lost_workers)
     }
 
 

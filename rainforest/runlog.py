@@ -149,6 +149,32 @@ def read_metrics(run: str) -> list[dict[str, float]]:
     return rows
 
 
+def forget_steps_after(run: str, step: int) -> list[int]:
+    """Remove the records of steps after ``step`` from ``RUN/metrics.jsonl``; returns them.
+
+    A resume goes on from its checkpoint: steps logged after it were trained by a job that
+    ended without a later checkpoint (a lost node), and are trained again, so each step of
+    the file is the one the weights went through, logged once.
+    """
+    url = storage.join(run, METRICS_NAME)
+    if not storage.exists(url):
+        return []
+    lines = storage.read_bytes(url).decode("utf-8", errors="replace").splitlines()
+    kept, dropped = [], []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn line, as read_metrics skips it
+        if not (isinstance(row, dict) and "step" in row):
+            continue
+        (kept if int(row["step"]) <= step else dropped).append((line, int(row["step"])))
+    if dropped:
+        with storage.Staged(url) as staging, open(staging, "w", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line, _ in kept))
+    return [number for _, number in dropped]
+
+
 def plot_curves(run: str) -> str:
     """Draw training and held-out bits per sample from ``metrics.jsonl`` into ``curves.png``."""
     path = os.path.join(run, CURVES_NAME)

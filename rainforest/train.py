@@ -32,7 +32,7 @@ from rainforest.config import Config, documented, setting
 from rainforest.dataset import MANIFEST_NAME, Dataset
 from rainforest.errors import CheckpointError, ParameterError, RainforestError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
-from rainforest.runlog import RankZeroLog
+from rainforest.runlog import RankZeroLog, forget_steps_after
 from rainforest.sampling import WindowSampler, rank_share, split_songs, validation_windows
 from rainforest.signals import StopRequest, graceful_stop
 from rainforest.training_samples import Snapshot, TrainingSampler
@@ -406,6 +406,15 @@ def _check_resume(state: TrainingState, dataset: Dataset, manifest_digest: str, 
             "uninterrupted run")
 
 
+def _forget_lost_steps(run: str, step: int, log) -> None:
+    """A resume from a checkpoint older than the last logged step: those steps are redone."""
+    lost = forget_steps_after(run, step)
+    if lost:
+        log(f"metrics.jsonl: steps {lost[0]}-{lost[-1]} were trained after the checkpoint of "
+            f"step {step} by a run that ended without a later one; their records are removed "
+            "and the steps trained again")
+
+
 @dataclass
 class TrainingInput:
     """One rank's training windows and its part of the fixed held-out windows."""
@@ -486,6 +495,8 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
                 stopped_by, val_bits, unigram, writer = _train_elastic(trainer, state, context,
                                                                        progress=progress)
             else:
+                if state.resumed_from and rank == 0:
+                    _forget_lost_steps(run, state.step, say)
                 writer = RankZeroLog(run, rank, progress=progress, log=log)
                 stopped_by, val_bits, unigram = _membership(trainer, state, data, writer, context)
     except BaseException:

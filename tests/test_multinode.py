@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,17 @@ from rainforest.preprocess import preprocess
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multinode]
+#: Seconds from a worker node's power cut to the scheduler removing its worker: Dask's TCP
+#: timeout (distributed.comm.timeouts.tcp, 30 s: keepalive probes and TCP_USER_TIMEOUT), with
+#: slack for a loaded machine.
+LOST_WORKER_BOUND_SECONDS = 60
+#: --stall-timeout of a non-elastic job that loses a node: its surviving rank waits that long
+#: in a collective that never ends (MPI's do not time out) before its watchdog ends it.
+STALL_SECONDS = 30
+#: Seconds from the power cut of one node of a non-elastic job to the job's end: Slurm's
+#: SlurmdTimeout (20 s in tests/multinode.py) or the stall watchdog, whichever comes first,
+#: plus KillWait (5 s) and slack for a loaded machine.
+NODE_LOSS_BOUND_SECONDS = 90
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +98,17 @@ def test_cluster_slurm_from_the_login_node_uses_workers_on_both_nodes(interface,
     assert_same_tree(out, local_dataset)
 
 
+def _preprocess_command(songs: Path, out: Path, folder: Path, *flags: str) -> list[str]:
+    return [*RAINFOREST, "preprocess", str(songs), "--out", str(out), "--cluster", "slurm",
+            "--no-progress", "--songs-per-shard", "1", "--slurm-cores", "1",
+            "--slurm-memory", "500MB", "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
+            "--slurm-max-jobs", "2", "--slurm-start-timeout", "60",
+            f"--slurm-directive=--chdir={folder}", *flags]
+
+
 def _preprocess_on_slurm(nodes: MultiNode, songs: Path, out: Path, folder: Path, *flags: str):
-    return nodes.run(
-        *RAINFOREST, "preprocess", str(songs), "--out", str(out), "--cluster", "slurm",
-        "--no-progress", "--songs-per-shard", "1", "--slurm-cores", "1",
-        "--slurm-memory", "500MB", "--slurm-walltime", "00:10:00", "--slurm-min-jobs", "2",
-        "--slurm-max-jobs", "2", "--slurm-start-timeout", "60",
-        f"--slurm-directive=--chdir={folder}", *flags,
-        env=_env(nodes), check=False, cwd=folder, timeout=300)
+    return nodes.run(*_preprocess_command(songs, out, folder, *flags), env=_env(nodes),
+                     check=False, cwd=folder, timeout=300)
 
 
 def test_a_worker_job_that_fails_is_named_with_its_output_file(nodes, songs, local_dataset,
@@ -295,3 +310,132 @@ def test_elastic_training_goes_on_after_a_node_loses_power(local_dataset, tmp_pa
             process.kill()
             process.wait()
         cluster.stop()
+
+
+def _seconds_processed(output: str) -> float:
+    return float(re.search(r"song\(s\) processed in ([\d.]+) s", output).group(1))
+
+
+def test_preprocessing_on_slurm_goes_on_after_a_worker_node_loses_power(tmp_path):
+    """Two nodes of their own (n1 is lost): the same songs are preprocessed without a loss,
+    then again with n1's power cut once both workers have built shards. The run ends on n0
+    with the dataset of a local run, and names the lost worker, its node and its Slurm job."""
+    songs, runs = tmp_path / "songs", tmp_path / "runs"
+    songs.mkdir()
+    runs.mkdir()
+    for index in range(12):  # ~1 s of work each: long enough to cut mid-run
+        audiogen.write_song(songs / f"song{index:02d}.wav", seconds=40.0, rate=44100,
+                            channels=2, leading_silence=0.2, trailing_silence=0.3,
+                            freq=150.0 + 25 * index, seed=index)
+    local = tmp_path / "local"
+    preprocess([str(songs)], str(local), cluster="sync", songs_per_shard=1, progress=False,
+               log=lambda line: None)
+    cluster = MultiNode(2).start()
+    try:
+        whole = _preprocess_on_slurm(cluster, songs, runs / "whole", runs)
+        assert whole.returncode == 0, whole.stdout + whole.stderr
+        assert "lost worker" not in whole.stdout + whole.stderr
+        out, log = runs / "cut", runs / "cut.log"
+        process = subprocess.Popen(
+            [*cluster.enter("login"), f"--wd={runs}", *_preprocess_command(songs, out, runs)],
+            env=_env(cluster), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while len(list((out / "shards").glob("*.json"))) < 2:
+                assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+                time.sleep(0.05)
+            jobs = dict(line.split() for line in cluster.run(
+                "squeue", "-h", "-t", "R", "-o", "%N %i").stdout.splitlines())
+            cluster.power_cut("n1")
+            cut = time.time()
+            process.wait(timeout=240)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        output = log.read_text()
+    finally:
+        cluster.stop()
+    assert process.returncode == 0, output
+    lost = re.findall(r"lost worker tcp://([\d.]+):\d+ \(on (\w+), Slurm job (\d+)\) mid-run: "
+                      r"the scheduler removed it at (\S+);", output)
+    assert len(lost) == 1, output
+    assert lost[0][:3] == (cluster.addresses["n1"], "n1", jobs["n1"]), output
+    assert "the run ended with 1 worker(s), having lost 1" in output, output
+    assert cluster.addresses["n0"] in _shards_by_host(output), output
+    assert_same_tree(out, local)
+    assert_same_tree(runs / "whole", local)
+    removed = datetime.fromisoformat(lost[0][3]).timestamp() - cut
+    print("\n".join(line for line in output.splitlines() if "lost" in line))
+    print(f"12 songs on 2 nodes: {_seconds_processed(whole.stdout):.1f} s without a loss, "
+          f"{_seconds_processed(output):.1f} s with n1's power cut after 2 shards; the "
+          f"scheduler removed n1's worker {removed:.1f} s after the cut")
+    assert removed < LOST_WORKER_BOUND_SECONDS, output
+
+
+def _training_on(cluster: MultiNode, host: str) -> list[int]:
+    """The pids of ``rainforest train`` ranks on ``host``."""
+    found = []
+    for pid in cluster.pids(host):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"rainforest") for part in command) and b"train" in command:
+            found.append(pid)
+    return found
+
+
+def test_a_two_node_train_job_that_loses_a_node_ends_and_resumes_on_the_survivor(local_dataset,
+                                                                                 tmp_path):
+    """Two nodes of their own (n1 is lost). Without --elastic a lost node ends the job: Slurm
+    finds n1 not responding (SlurmdTimeout, 20 s here) and kills the job, and the rank on n0,
+    stuck in a collective, is ended by the stall watchdog if Slurm has not done it. The run
+    then goes on from its last checkpoint on n0 alone."""
+    run = tmp_path / "run"
+    cluster = MultiNode(2).start()
+    try:
+        job = cluster.submit(
+            str(REPO / "slurm/train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
+            f"--output={tmp_path / 'first.out'}", f"--chdir={tmp_path}",
+            script_args=(*TINY_TRAINING, "--steps", "100000", "--val-every", "100000",
+                         "--checkpoint-every", "10", "--stall-timeout", str(STALL_SECONDS)),
+            env=_env(cluster, DATASET=local_dataset, RUN=run), cwd=str(REPO))
+        deadline = time.monotonic() + 300
+        while len(_logged_steps(run)) < 25:
+            assert time.monotonic() < deadline, (tmp_path / "first.out").read_text()
+            time.sleep(0.2)
+        cluster.power_cut("n1")
+        cut = time.monotonic()
+        while cluster.job_field(job, "JobState") == "RUNNING" or _training_on(cluster, "n0"):
+            assert time.monotonic() - cut < NODE_LOSS_BOUND_SECONDS, cluster.logs()
+            time.sleep(0.5)
+        ended = time.monotonic() - cut
+        state = cluster.job_field(job, "JobState")
+        logged = _logged_steps(run)[-1]
+        saved = int(re.search(r"(\d+)$", checkpoint.latest(str(run))).group(1))
+        cluster.run("scancel", job)  # requeued by Slurm, it would wait for 2 nodes
+        cluster.wait(job, timeout=60, states=("CANCELLED", "COMPLETED", "FAILED", "NODE_FAIL"))
+        log = tmp_path / "resume.out"
+        resumed = cluster.submit(
+            str(REPO / "slurm/train.sbatch"), "--nodes=1", "--ntasks-per-node=1",
+            f"--output={log}", f"--chdir={tmp_path}",
+            script_args=(*TINY_TRAINING, "--steps", str(saved + 15), "--val-every", "100000",
+                         "--checkpoint-every", "10"),
+            env=_env(cluster, DATASET=local_dataset, RUN=run), cwd=str(REPO))
+        final = cluster.wait(resumed, timeout=300)
+        output = log.read_text() if log.exists() else "(no output file)"
+        first = (tmp_path / "first.out").read_text()
+    finally:
+        cluster.stop()
+    print(f"n1 lost at step {logged}: the job ended ({state}) {ended:.1f} s after the cut; "
+          f"resumed on n0 from the checkpoint of step {saved}, redoing {logged - saved} step(s)")
+    print("\n".join(line for line in first.splitlines()
+                    if re.search(r"srun|stall|error|rainforest:", line)))
+    assert final == "COMPLETED", output
+    assert re.search(rf"resuming \S+ at step {saved}\b", output), output
+    assert f"done: step {saved + 15} on 1 rank(s)" in output, output
+    if logged > saved:
+        assert f"metrics.jsonl: steps {saved + 1}-{logged} were trained after the checkpoint " \
+               f"of step {saved}" in output, output
+    assert _logged_steps(run) == list(range(1, saved + 16)), "a step was lost or logged twice"
