@@ -242,6 +242,23 @@ def test_train_sbatch_on_two_nodes_matches_two_ranks_on_one(launcher, nodes, loc
         assert np.array_equal(value, one_node_weights[name]), name
 
 
+def test_the_horovodrun_hosts_recipe_trains_on_two_other_nodes(nodes, local_dataset,
+                                                             one_node_weights, tmp_path):
+    """launch/horovodrun-hosts.sh as a user runs it on one node (n0), outside Slurm: its
+    ranks start on n1 and n2 over ssh and give the weights of 2 ranks on one host."""
+    run = tmp_path / "run"
+    result = nodes.run(str(REPO / "launch/horovodrun-hosts.sh"), "n1:1,n2:1",
+                       str(local_dataset), "--run", str(run), *TRAIN, host="n0",
+                       env=_env(nodes), check=False, cwd=tmp_path, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "ranks on hosts: n1, n2" in output, output[-4000:]
+    weights = checkpoint_weights(checkpoint.latest(str(run)))
+    assert weights.keys() == one_node_weights.keys()
+    for name, value in weights.items():
+        assert np.array_equal(value, one_node_weights[name]), name
+
+
 def test_a_two_node_train_job_requeued_mid_run_loses_and_repeats_no_step(nodes, local_dataset,
                                                                         tmp_path):
     run, log = tmp_path / "run", tmp_path / "job.out"
