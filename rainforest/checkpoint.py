@@ -87,6 +87,9 @@ def latest(run: str) -> str:
     if not storage.exists(pointer):
         if not storage.exists(run):
             raise CheckpointError(f"run folder {run} does not exist")
+        finished = list_checkpoints(run)
+        if finished:  # the writer was stopped after publishing its first one, before the pointer
+            return max(finished)  # step names sort by step
         raise CheckpointError(
             f"{run} has no checkpoint yet ({pointer} is missing); train with "
             f"`rainforest train DATASET --run {run}` first"

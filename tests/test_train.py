@@ -297,6 +297,17 @@ def test_resume_warns_about_settings_it_does_not_take(periodic_dataset, trained_
     assert "warning" not in same.stdout and "done: step 7" in same.stdout
 
 
+def test_a_checkpoint_published_before_its_pointer_is_found_and_resumed(periodic_dataset,
+                                                                        trained_run, tmp_path):
+    """A writer stopped between renaming its first checkpoint into place and writing the
+    `latest` pointer leaves a whole checkpoint: resume takes it."""
+    run = _copy(trained_run, tmp_path)
+    (run / "checkpoints" / checkpoint.LATEST).unlink()
+    assert checkpoint.latest(str(run)) == str(run / "checkpoints" / checkpoint.step_name(4))
+    resumed = _train(periodic_dataset, run, "--resume", "--steps", "5", "--val-every", "0")
+    assert "resuming" in resumed.stdout and "done: step 5" in resumed.stdout
+
+
 def test_damaged_checkpoint_is_a_clear_error(periodic_dataset, trained_run, tmp_path):
     run = _copy(trained_run, tmp_path)
     weights = Path(checkpoint.latest(str(run))) / checkpoint.WEIGHTS_NAME
