@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import netns
 from localslurm import SCHEDULING_CONF, _program
 
 ADDRESS_PREFIX = "192.0.2."
@@ -317,9 +318,7 @@ class MultiNode:
     # ------------------------------------------------------------------ stop
     def pids(self, host: str) -> list[int]:
         """Every process in ``host``'s network namespace."""
-        result = subprocess.run(["ip", "netns", "pids", self.netns(host)], capture_output=True,
-                                text=True, check=False)
-        return [int(pid) for pid in result.stdout.split()]
+        return netns.pids(self.netns(host))
 
     def power_cut(self, host: str) -> None:
         """Take ``host``'s link down first, so that no peer gets a TCP reset, as in a real
@@ -328,14 +327,7 @@ class MultiNode:
         self._kill_namespace(host)
 
     def _kill_namespace(self, host: str) -> None:
-        for pid in self.pids(host):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while self.pids(host) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        netns.kill_all(self.netns(host))
 
     def stop(self) -> None:
         if "login" in self._holders and self._daemons and self._daemons[-1].poll() is None:

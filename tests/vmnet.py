@@ -17,9 +17,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-import signal
 import subprocess
-import time
+
+import netns
 
 
 def _ip(*args: str) -> None:
@@ -79,22 +79,9 @@ class VMNetwork:
         _ip("-n", namespace, "route", "add", "default", "via", self.router)
         return ["ip", "netns", "exec", namespace]
 
-    def pids(self, address: str) -> list[int]:
-        """Every process in the namespace of the VM at ``address``."""
-        result = subprocess.run(["ip", "netns", "pids", self.vms[address]], capture_output=True,
-                                text=True, check=False)
-        return [int(pid) for pid in result.stdout.split()]
-
     def stop(self) -> None:
-        for address, namespace in self.vms.items():
-            for pid in self.pids(address):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 10
-            while self.pids(address) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        for namespace in self.vms.values():
+            netns.kill_all(namespace)
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
         # Deleting the switch takes every veth with it, this namespace's end included.
         subprocess.run(["ip", "netns", "delete", self.switch], capture_output=True)
