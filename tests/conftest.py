@@ -130,6 +130,27 @@ def checkpoint_weights(folder) -> dict[str, np.ndarray]:
     return arrays
 
 
+def checkpoint_digest(folder) -> str:
+    """Load a checkpoint's weights into a fresh model (every file's sha256 checked); the
+    sha256 of what was loaded, as elastic ranks log theirs."""
+    from rainforest import checkpoint
+    from rainforest.elastic import weights_digest
+    from rainforest.network import build_model
+    from rainforest.train import TrainingState
+
+    state = TrainingState.from_checkpoint(str(folder))
+    model = build_model(state.model, seed=12345)
+    model.load_weights(os.path.join(folder, checkpoint.WEIGHTS_NAME))
+    return weights_digest(model.weights)
+
+
+def write_hosts(path: Path, *hosts: str) -> None:
+    """A hosts file for launch/discover-hosts.sh: one slot on each host, replaced whole."""
+    staging = path.with_suffix(".new")
+    staging.write_text("".join(f"{host}:1\n" for host in hosts))
+    staging.replace(path)  # the discovery script never reads half a file
+
+
 # moto's request recorder (tests that check the order of S3 requests) writes here, not into
 # the working directory; it is read when moto is first imported.
 os.environ.setdefault("MOTO_RECORDER_FILEPATH", os.path.join(

@@ -153,15 +153,18 @@ class MultiNode:
                 self._hold(host)
             self._daemon("n0", _program("slurmctld"), "-D")
             for name in self.names:
-                self._daemon(name, "/usr/sbin/sshd", "-D", "-e", "-f",
-                             str(self.root / "ssh" / "sshd_config"),
-                             "-o", f"PidFile={self.root}/run/sshd-{name}.pid")
-                self._daemon(name, _program("slurmd"), "-D", "-N", name)
+                self._node_daemons(name)
             self._wait_idle(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _node_daemons(self, name: str) -> None:
+        self._daemon(name, "/usr/sbin/sshd", "-D", "-e", "-f",
+                     str(self.root / "ssh" / "sshd_config"),
+                     "-o", f"PidFile={self.root}/run/sshd-{name}.pid")
+        self._daemon(name, _program("slurmd"), "-D", "-N", name)
 
     def _network(self) -> None:
         switch = self.netns("sw")
@@ -326,8 +329,22 @@ class MultiNode:
         _ip("-n", self.netns(host), "link", "set", "eth0", "down")
         self._kill_namespace(host)
 
+    def power_on(self, host: str, timeout: float = 90) -> None:
+        """Boot a compute node that :meth:`power_cut` took down: a fresh holder for its
+        namespaces, its link up, its sshd and slurmd started, and back to ``idle`` in Slurm
+        (ReturnToService=2 takes a node that registers again out of ``down``)."""
+        if host == "n0" or host not in self.names:
+            raise ValueError(f"{host!r}: only a compute node without slurmctld can be revived")
+        self._hold(host)
+        _ip("-n", self.netns(host), "link", "set", "eth0", "up")
+        self._node_daemons(host)
+        self._wait_idle(timeout)
+
     def _kill_namespace(self, host: str) -> None:
         netns.kill_all(self.netns(host))
+        # Its daemons are gone: reap them, so that a dead one no longer means a failed start.
+        for process in [p for p in self._daemons if p.poll() is not None]:
+            self._daemons.remove(process)
 
     def stop(self) -> None:
         if "login" in self._holders and self._daemons and self._daemons[-1].poll() is None:

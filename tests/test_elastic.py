@@ -20,9 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY_TRAINING, rank_env
+from conftest import TINY_TRAINING, checkpoint_digest, rank_env, write_hosts
 from rainforest import checkpoint, runlog
-from rainforest.elastic import last_logged_step, weights_digest
+from rainforest.elastic import last_logged_step
 from rainforest.train import TrainingState
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -131,28 +131,12 @@ def _steps(run: Path) -> list[int]:
     return [int(row["step"]) for row in runlog.read_metrics(str(run))]
 
 
-def _write_hosts(path: Path, *hosts: str) -> None:
-    staging = path.with_suffix(".new")
-    staging.write_text("".join(f"{host}:1\n" for host in hosts))
-    staging.replace(path)  # the discovery script never reads half a file
-
-
-def _loaded_digest(folder: str) -> str:
-    """Load a checkpoint's weights into a fresh model; the sha256 of what was loaded."""
-    from rainforest.network import build_model
-
-    state = TrainingState.from_checkpoint(folder)  # checks every file's sha256
-    model = build_model(state.model, seed=12345)
-    model.load_weights(os.path.join(folder, checkpoint.WEIGHTS_NAME))
-    return weights_digest(model.weights)
-
-
 def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_dataset, tmp_path,
                                                                    jobs):
     # Open-ended: the job runs until the test stops it, so no fixed budget of steps races
     # the rejoin.
     run, hosts = tmp_path / "run", tmp_path / "hosts"
-    _write_hosts(hosts, "localhost", "127.0.0.1")
+    write_hosts(hosts, "localhost", "127.0.0.1")
     job = Job([ROOT / "launch" / "elastic-local.sh", hosts, periodic_dataset, "--run", run,
                *TINY_TRAINING, "--target-length", "1024", "--steps", 1_000_000,
                "--commit-every", COMMIT_EVERY, "--checkpoint-every", 100, "--log-every", 1,
@@ -169,7 +153,7 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     other = {"localhost": "127.0.0.1", "127.0.0.1": "localhost"}[host]
     killed_at = time.monotonic()
     victim.send_signal(signal.SIGKILL)
-    _write_hosts(hosts, other)
+    write_hosts(hosts, other)
     resumed_at, match = job.wait_for("the survivor going on", lambda: job.line_matching(
         r"elastic: 1 rank\(s\), training from step (\d+) .* (\d+) step\(s\) after it",
         after=killed_at), 120)
@@ -179,7 +163,7 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     job.wait_for("steps on 1 rank", lambda: any(
         row.get("ranks") == 1 for row in runlog.read_metrics(str(run))), 120)
 
-    _write_hosts(hosts, other, host)
+    write_hosts(hosts, other, host)
     rejoined_at, match = job.wait_for("the rank re-joining", lambda: job.line_matching(
         r"elastic: 2 rank\(s\), training from step (\d+)", after=resumed_at), 180)
     joined_from = int(match.group(1))
@@ -226,7 +210,7 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     assert set(digests) == {"0", "1"} and len(set(digests.values())) == 1, digests
     final = checkpoint.latest(str(run))
     assert checkpoint.read_config(final)["step"] == steps
-    assert _loaded_digest(final) == digests["0"]
+    assert checkpoint_digest(final) == digests["0"]
     # Adam counts the updates it applied: none twice, none dropped, across kill and join.
     optimizer = dict(checkpoint.load_arrays(os.path.join(final, checkpoint.OPTIMIZER_NAME)))
     assert int(optimizer["adam/iteration"]) == steps

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,9 +22,17 @@ import numpy as np
 import pytest
 
 import audiogen
-from conftest import RAINFOREST, TINY_TRAINING, assert_same_tree, checkpoint_weights, rank_env
+from conftest import (
+    RAINFOREST,
+    TINY_TRAINING,
+    assert_same_tree,
+    checkpoint_digest,
+    checkpoint_weights,
+    rank_env,
+    write_hosts,
+)
 from multinode import MultiNode, available
-from rainforest import checkpoint
+from rainforest import checkpoint, runlog
 from rainforest.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,44 +298,130 @@ def _logged_steps(run: Path) -> list[int]:
         if metrics.exists() else []
 
 
-def test_elastic_training_goes_on_after_a_node_loses_power(local_dataset, tmp_path):
-    """Two nodes of their own (this one loses a node): the link of n1 goes down first, so no
-    peer gets a reset, then every process on n1 dies. The horovodrun node's ssh keepalives
-    (tests/multinode.py's ssh config) let horovodrun see the rank as failed."""
-    cluster = MultiNode(2).start()
-    log = tmp_path / "elastic.log"
-    hosts, run = tmp_path / "hosts", tmp_path / "run"
-    hosts.write_text("n0:1\nn1:1\n")
-    process = subprocess.Popen(
-        [*cluster.enter("n0"), f"--wd={REPO}", "launch/elastic-local.sh", str(hosts),
-         str(local_dataset), "--run", str(run), *TINY_TRAINING, "--steps", "100000",
-         "--commit-every", "10", "--val-every", "100000"],
-        env={**rank_env(), **cluster.env, "NIC": "eth0"}, stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while len(_logged_steps(run)) < 60:
-            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+class _Log:
+    """A job's output file, searched from a mark on (the text written after an event)."""
+
+    def __init__(self, path: Path, process: subprocess.Popen) -> None:
+        self.path, self.process = path, process
+
+    def text(self) -> str:
+        return self.path.read_text(errors="replace")
+
+    def mark(self) -> int:
+        return len(self.text())
+
+    def wait_for(self, what: str, pattern: str, after: int, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.text()[after:])
+            if found:
+                return found
+            alive = self.process.poll() is None
+            assert alive and time.monotonic() < deadline, \
+                f"no {what} within {timeout} s:\n{self.text()[-4000:]}"
             time.sleep(0.2)
-        cut_at = _logged_steps(run)[-1]
+
+
+def _wait_steps(run: Path, log: _Log, ranks: int, after_step: int, count: int,
+                timeout: float) -> None:
+    """Until ``count`` steps after ``after_step`` are logged as trained on ``ranks`` ranks."""
+    deadline = time.monotonic() + timeout
+    while sum(row.get("ranks") == ranks and row["step"] > after_step
+              for row in runlog.read_metrics(str(run))) < count:
+        assert log.process.poll() is None and time.monotonic() < deadline, \
+            f"not {count} steps on {ranks} ranks within {timeout} s:\n{log.text()[-4000:]}"
+        time.sleep(0.2)
+
+
+#: Steps between commits of the elastic run: what a lost node may cost at most.
+ELASTIC_COMMIT_EVERY = 10
+#: --gloo-timeout-seconds of the elastic run. It bounds both ways: the survivors of a power
+#: cut wait that long in the collective n1 never joins, and a rank that boots again must
+#: import TensorFlow and reach the rendezvous within it (slower on a loaded machine).
+ELASTIC_GLOO_TIMEOUT = 30
+
+
+def _start_elastic(cluster: MultiNode, hosts: Path, dataset: Path, run: Path,
+                   log: Path) -> subprocess.Popen:
+    """launch/elastic-local.sh on n0 over a hosts file, open-ended, Gloo on eth0."""
+    return subprocess.Popen(
+        [*cluster.enter("n0"), f"--wd={REPO}", "launch/elastic-local.sh", str(hosts),
+         str(dataset), "--run", str(run), *TINY_TRAINING, "--steps", "1000000",
+         "--commit-every", str(ELASTIC_COMMIT_EVERY), "--checkpoint-every", "1000",
+         "--log-every", "1", "--val-every", "100000"],
+        env={**rank_env(), **cluster.env, "NIC": "eth0", "GLOO_TIMEOUT": str(ELASTIC_GLOO_TIMEOUT),
+             "COOLDOWN": "1 2"},
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def test_elastic_training_on_three_nodes_survives_a_power_cut_and_takes_the_node_back(
+        local_dataset, tmp_path):
+    """Three nodes of their own (n1 loses power, then boots again): the link of n1 goes down
+    first, so no peer gets a reset, then every process on n1 dies. Gloo's timeout ends the
+    collective n1 never joins, the horovodrun node's ssh keepalives (tests/multinode.py's ssh
+    config) let horovodrun see n1's rank as failed, and n0 and n2 go on from the last commit.
+    The hosts file plays the site's discovery: it drops n1 while n1 is down and lists it again
+    once n1 has booted, and a rank starts there again."""
+    cluster = MultiNode(3).start()
+    hosts, run = tmp_path / "hosts", tmp_path / "run"
+    write_hosts(hosts, "n0", "n1", "n2")
+    process = _start_elastic(cluster, hosts, local_dataset, run, tmp_path / "elastic.log")
+    log = _Log(tmp_path / "elastic.log", process)
+    try:
+        # Cut between commits, so that the survivors have steps to roll back.
+        _wait_steps(run, log, 3, 0, 3 * ELASTIC_COMMIT_EVERY + 3, 300)
+        cut_at, cut_mark = _logged_steps(run)[-1], log.mark()
         cluster.power_cut("n1")
         cut = time.monotonic()
-        while _logged_steps(run)[-1] < cut_at + 5:
-            assert time.monotonic() - cut < 90 and process.poll() is None, log.read_text()
-            time.sleep(0.2)
-        seconds = time.monotonic() - cut
-        process.terminate()  # the ranks write a checkpoint and stop
-        process.wait(timeout=120)
-        text = log.read_text()
-        print(f"power cut at step {cut_at}: training again after {seconds:.1f} s")
-        assert "elastic: 1 rank(s), training from step" in text, text
-        steps = _logged_steps(run)
-        assert steps == list(range(1, steps[-1] + 1)), "a step was lost or logged twice"
+        survived = log.wait_for("survivors going on", r"elastic: 2 rank\(s\), training from "
+                                r"step (\d+) .* (\d+) step\(s\) after it", cut_mark, 120)
+        survived_after = time.monotonic() - cut
+        rolled_back_to, repeated = int(survived.group(1)), int(survived.group(2))
+        write_hosts(hosts, "n0", "n2")
+        _wait_steps(run, log, 2, rolled_back_to, 5, 120)
+        boot_mark = log.mark()
+        cluster.power_on("n1")
+        booted = time.monotonic()
+        write_hosts(hosts, "n0", "n1", "n2")
+        joined = log.wait_for("n1's rank joining", r"elastic: 3 rank\(s\), training from "
+                              r"step (\d+)", boot_mark, 240)
+        joined_from, joined_after = int(joined.group(1)), time.monotonic() - booted
+        _wait_steps(run, log, 3, joined_from, 5, 180)
+        # SIGTERM to the rank on n1: the ranks agree on the step to stop at (an allreduce of
+        # the request), write a checkpoint there and all end cleanly.
+        ranks_on_n1 = _training_on(cluster, "n1")
+        assert len(ranks_on_n1) == 1, log.text()[-4000:]
+        os.kill(ranks_on_n1[0], signal.SIGTERM)
+        assert process.wait(timeout=180) == 0, log.text()[-4000:]
+        text = log.text()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         cluster.stop()
+    print(f"power cut of n1 at step {cut_at}: n0 and n2 went on {survived_after:.1f} s later "
+          f"from step {rolled_back_to} (steps repeated: {repeated}); n1 booted, and its rank "
+          f"joined {joined_after:.1f} s later, at step {joined_from}")
+    assert rolled_back_to % ELASTIC_COMMIT_EVERY == 0 and 0 <= repeated < ELASTIC_COMMIT_EVERY
+    assert joined_from % ELASTIC_COMMIT_EVERY == 0 and joined_from > rolled_back_to
+    steps = int(re.search(r"stopped by another rank at step (\d+)", text).group(1))
+    assert f"done: step {steps} on 3 rank(s)" in text, text[-4000:]
+    assert _logged_steps(run) == list(range(1, steps + 1)), "a step was lost or logged twice"
+    ranks = [row["ranks"] for row in runlog.read_metrics(str(run))]
+    # A step trained again after the cut keeps its first record, from 3 ranks.
+    first_pair = ranks.index(2)
+    assert first_pair == rolled_back_to + repeated, ranks
+    assert set(ranks[:first_pair]) == {3} and set(ranks[first_pair:joined_from]) == {2}
+    assert set(ranks[joined_from:]) == {3}, ranks
+    digests = {m.group(1): m.group(2) for m in re.finditer(
+        rf"rank (\d)/3: step {steps}, weights sha256 (\w+)", text)}
+    assert set(digests) == {"0", "1", "2"} and len(set(digests.values())) == 1, digests
+    final = checkpoint.latest(str(run))
+    assert checkpoint.read_config(final)["step"] == steps
+    assert checkpoint_digest(final) == digests["0"]
+    # Adam counts the updates it applied: none twice, none dropped, across the cut and the boot.
+    optimizer = dict(checkpoint.load_arrays(os.path.join(final, checkpoint.OPTIMIZER_NAME)))
+    assert int(optimizer["adam/iteration"]) == steps
 
 
 def _seconds_processed(output: str) -> float:
