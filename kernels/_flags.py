@@ -30,6 +30,13 @@ def _full_width_vectors() -> None:
 _full_width_vectors()
 
 
+def float32_lanes() -> int:
+    """float32 per vector register of the CPU the kernels are compiled for: 16 with AVX-512
+    (full width, see above), else 8 (AVX2; an older CPU splits such a vector in two)."""
+    features = config.CPU_FEATURES or codegen.get_host_cpu_features()
+    return 16 if "+avx512f" in features.split(",") else 8
+
+
 def jit(function):
     """Compile ``function`` with the project-wide Numba options."""
     return numba.njit(**JIT_OPTIONS)(function)
