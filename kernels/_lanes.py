@@ -6,8 +6,8 @@ to memory once per outer iteration, because it cannot prove that the output does
 the inputs. A register-tiled product needs the opposite: a few vectors of outputs held in
 registers while the whole reduction streams past. :data:`LANES_TYPE` is one vector of
 :data:`LANES` float32 as a Numba type whose LLVM form is ``<LANES x float>``, so a local
-variable of that type is an SSA value, i.e. a register; the intrinsics load, widen, multiply-add
-and store such vectors.
+variable of that type is an SSA value, held in registers (LLVM splits a vector wider than one
+register across several); the intrinsics load, widen, multiply-add and store such vectors.
 """
 
 from llvmlite import ir
@@ -15,10 +15,10 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from rainforest.kernels._flags import float32_lanes
+from rainforest.kernels._flags import register_tile_columns
 
-#: float32 per vector: one full register of the CPU the kernels are compiled for.
-LANES = float32_lanes()
+#: float32 per vector: one stream's row of a register tile, 4 AVX-512 or 2 AVX2 registers.
+LANES = register_tile_columns()
 
 
 class _Lanes(types.Type):

@@ -29,16 +29,16 @@ input at time ``tau`` in row ``ring_offsets[l] + tau % dilations[l]``; ``last_co
 the codes at times t-1 and t; ``rng_states`` (B,) one splitmix64 state per stream. Step ``t``
 reads those, computes the logits of the code at ``t + 1`` and samples it.
 
-Matrix products (:func:`_product`) run in register tiles of 4 streams x 4 SIMD vectors of
-output columns (:mod:`rainforest.kernels._lanes`): the tile's outputs stay in registers for
-the whole sum over the weight rows, each weight vector, loaded once, serves 4 streams, and
-each output is loaded and stored once per product. Columns left over go a row at a time; a
-stream left over, or alone, goes through the matrix-vector form in blocks of 8 weight rows,
-which runs at the speed weights arrive. Every output is summed in the same order whatever
-the number of streams (its start value, then one fused multiply-add per weight row, in row
-order), so the codes of a stream do not depend on how many streams share its call. ``tanh`` and
-``sigmoid`` use :func:`_exp32`, a polynomial exponential the compiler can vectorise (libm's
-``expf`` is a scalar call).
+Matrix products (:func:`_product`) run in register tiles of 4 streams x 64 output columns
+(4 AVX-512 registers a stream; with AVX2, 16 columns in 2; see :mod:`rainforest.kernels._lanes`):
+the tile's outputs stay in registers for the whole sum over the weight rows, each vector of
+weights, loaded once, serves 4 streams, and each output is loaded and stored once per
+product. Columns left over go a row at a time; a stream left over, or alone, goes through the
+matrix-vector form in blocks of 8 weight rows, which runs at the speed weights arrive. Every
+output is summed in the same order whatever the number of streams (its start value, then one
+fused multiply-add per weight row, in row order), so the codes of a stream do not depend on
+how many streams share its call. ``tanh`` and ``sigmoid`` use :func:`_exp32`, a polynomial
+exponential the compiler can vectorise (libm's ``expf`` is a scalar call).
 
 Precisions (:data:`WEIGHT_PRECISIONS`): the five matrices may be stored as ``bfloat16`` (the upper
 16 bits of each float32, rounded to nearest even) or ``int8`` (one scale per weight row,
@@ -203,56 +203,26 @@ def _sample(logits, temperature, states, stream, weights):
 # streams share its call (``--threads``), and there is no reassociation to make results
 # depend on vector width. The speed comes from the blocking, not from reordering the sums.
 
-#: Output columns of one register tile: 4 vectors, so the tile's 16 vectors of outputs, 4 of
-#: weights and a broadcast factor fit AVX-512's 32 registers.
-_TILE_COLUMNS = 4 * LANES
-
-
-@njit(inline="always", **_GENERATE_OPTIONS)
-def _four_vectors(matrix, row, column):
-    """matrix[row, column:column + _TILE_COLUMNS] as 4 vectors of float32 (weights widened)."""
-    return (load_lanes(matrix, row, column), load_lanes(matrix, row, column + LANES),
-            load_lanes(matrix, row, column + 2 * LANES),
-            load_lanes(matrix, row, column + 3 * LANES))
-
-
-@njit(inline="always", **_GENERATE_OPTIONS)
-def _store_four_vectors(matrix, row, column, vectors):
-    first, second, third, fourth = vectors
-    store_lanes(matrix, row, column, first)
-    store_lanes(matrix, row, column + LANES, second)
-    store_lanes(matrix, row, column + 2 * LANES, third)
-    store_lanes(matrix, row, column + 3 * LANES, fourth)
-
-
-@njit(inline="always", **_GENERATE_OPTIONS)
-def _plus_products(totals, factor, weights):
-    """totals + factor * weights, 4 vectors each: one multiply-add per output."""
-    return (multiply_add(totals[0], factor, weights[0]),
-            multiply_add(totals[1], factor, weights[1]),
-            multiply_add(totals[2], factor, weights[2]),
-            multiply_add(totals[3], factor, weights[3]))
-
 
 @njit(inline="always", **_GENERATE_OPTIONS)
 def _four_stream_tile(scaled, w, out, b, j):
-    """out[b:b+4, j:j+_TILE_COLUMNS] += scaled[b:b+4, :K] @ w[:, j:j+_TILE_COLUMNS].
+    """out[b:b+4, j:j+LANES] += scaled[b:b+4, :K] @ w[:, j:j+LANES].
 
-    The register tile: its 16 vectors of outputs stay in registers for the whole sum over k,
-    so each output is loaded and stored once per product, and each weight vector, loaded once,
-    serves 4 streams. Each output still gets its terms one at a time in k order."""
-    first, second = _four_vectors(out, b, j), _four_vectors(out, b + 1, j)
-    third, fourth = _four_vectors(out, b + 2, j), _four_vectors(out, b + 3, j)
+    The register tile: its 4 vectors of outputs stay in registers for the whole sum over k,
+    so each output is loaded and stored once per product, and each vector of weights, loaded
+    once, serves 4 streams. Each output still gets its terms one at a time in k order."""
+    first, second = load_lanes(out, b, j), load_lanes(out, b + 1, j)
+    third, fourth = load_lanes(out, b + 2, j), load_lanes(out, b + 3, j)
     for k in range(w.shape[0]):
-        weights = _four_vectors(w, k, j)
-        first = _plus_products(first, scaled[b, k], weights)
-        second = _plus_products(second, scaled[b + 1, k], weights)
-        third = _plus_products(third, scaled[b + 2, k], weights)
-        fourth = _plus_products(fourth, scaled[b + 3, k], weights)
-    _store_four_vectors(out, b, j, first)
-    _store_four_vectors(out, b + 1, j, second)
-    _store_four_vectors(out, b + 2, j, third)
-    _store_four_vectors(out, b + 3, j, fourth)
+        weights = load_lanes(w, k, j)
+        first = multiply_add(first, scaled[b, k], weights)
+        second = multiply_add(second, scaled[b + 1, k], weights)
+        third = multiply_add(third, scaled[b + 2, k], weights)
+        fourth = multiply_add(fourth, scaled[b + 3, k], weights)
+    store_lanes(out, b, j, first)
+    store_lanes(out, b + 1, j, second)
+    store_lanes(out, b + 2, j, third)
+    store_lanes(out, b + 3, j, fourth)
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
@@ -291,16 +261,16 @@ def _rows_one_at_a_time(x, w, scale, out, streams, first_row, first_column):
 def _product(x, w, scale, out, scaled):
     """out (B, N) += (x (B, K) * scale (K,)) @ w (K, N); ``scaled`` (at least B x K) is scratch.
 
-    Streams in fours go through register tiles of 4 x :data:`_TILE_COLUMNS` outputs, and the
-    columns left over row by row; each stream left over alone, in blocks of 8 weight rows."""
+    Streams in fours go through register tiles of 4 x LANES outputs, and the columns left over
+    row by row; each stream left over alone, in blocks of 8 weight rows."""
     streams, inner = x.shape
     tiled_streams = streams - streams % 4
-    tiled_columns = w.shape[1] - w.shape[1] % _TILE_COLUMNS
+    tiled_columns = w.shape[1] - w.shape[1] % LANES
     for b in range(tiled_streams):  # the tiles' broadcast factors, rounded as x * scale
         for k in range(inner):
             scaled[b, k] = x[b, k] * scale[k]
     for b in range(0, tiled_streams, 4):
-        for j in range(0, tiled_columns, _TILE_COLUMNS):
+        for j in range(0, tiled_columns, LANES):
             _four_stream_tile(scaled, w, out, b, j)
     _rows_one_at_a_time(x, w, scale, out, range(tiled_streams), 0, tiled_columns)
     octets = inner - inner % 8

@@ -8,7 +8,6 @@ import pytest
 from rainforest.generate import load_network
 from rainforest.kernels._lanes import LANES
 from rainforest.kernels.fused_loop import (
-    _TILE_COLUMNS,
     WEIGHT_PRECISIONS,
     _product,
     _store,
@@ -50,10 +49,10 @@ def test_the_reference_fused_multiply_add_rounds_once():
     assert fused_multiply_add32(a, b, c) == c
 
 
-# K that is no multiple of 4 or 8; N below, at and past a whole tile, and one with a whole
-# vector and a part of one left over after two tiles.
-TILE_SHAPES = [(13, _TILE_COLUMNS + 5), (7, _TILE_COLUMNS), (130, 2 * _TILE_COLUMNS + LANES + 3),
-               (1, _TILE_COLUMNS - 1), (9, 3), (24, 2 * _TILE_COLUMNS)]
+# K that is no multiple of 4 or 8; N (LANES columns per tile) below, at and past a whole
+# tile, and with more than half a tile left over after two.
+TILE_SHAPES = [(13, LANES + 5), (7, LANES), (130, 2 * LANES + LANES // 2 + 3), (1, LANES - 1),
+               (9, 3), (24, 2 * LANES)]
 
 
 @pytest.mark.parametrize("form", WEIGHT_PRECISIONS)
