@@ -239,10 +239,10 @@ def _targets(median, networks, cores, flops, peak_all):
 
 def _pieces(networks, rounds, samples):
     """``--pieces``: each piece's share of a step (see pieces.py), B = 1 and B = 32 on 1 core."""
-    print(f"\nper-piece profile, 1 core: microseconds per step and share of the whole step "
-          f"(medians of {rounds} rounds, share min..max)")
+    print(f"\nper-piece profile, 1 core: microseconds per step (the best of 10 short runs) and "
+          f"share of the whole step (medians of {rounds} rounds, share min..max)")
     for precision, network in networks.items():
-        for streams, steps in ((1, samples // 4), (32, samples // 64)):
+        for streams, steps in ((1, samples // 80), (32, samples // 640)):
             runs = [profile(network, fresh_state(network, streams), steps) for _ in range(rounds)]
             whole = np.array([run["whole step"] for run in runs])
             parts = []
