@@ -1,11 +1,11 @@
 """Generation speed of the fused loop against its alternatives, on the "medium" config.
 
-Run with ``python benchmarks/generate.py [--rounds N]``. Every round times, side by side so
-that machine noise hits all alike (the medians over rounds are printed), for each
+Run with ``python benchmarks/generate.py [--rounds N] [--pieces]``. Every round times, side by
+side so that machine noise hits all alike (the medians over rounds are printed), for each
 ``--precision`` (float32, bfloat16, int8 weights):
 
-* B = 1, 1 core:  ``generate_codes`` (the blocked product's one-stream path);
-* B = 32, 1 core: one call, the blocked product's 4-stream blocks;
+* B = 1, 1 core:  ``generate_codes`` (the product's one-stream path);
+* B = 32, 1 core: one call, the product's register tiles of 4 streams;
 * B = 32, all cores: the streams shared among one thread per core (nogil kernel), as
   ``rainforest generate --threads`` does;
 * naive:  the full Keras model over the last receptive field for every sample (the approach
@@ -16,6 +16,8 @@ that machine noise hits all alike (the medians over rounds are printed), for eac
   ``machine.py`` with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset) and each precision's
   bandwidth bound (bytes of weights per sample over the rate one core reads an array of that
   size from its caches).
+
+``--pieces`` adds where a step goes (``pieces.py``): products, gates, output stack, sampling.
 
 The weights are random (scaled like Glorot initialisation); speed does not depend on their
 values. Targets: one stream >= 32,000 samples/s on one core, i.e. twice real time at 16 kHz,
@@ -32,6 +34,7 @@ from collections import deque
 import numpy as np
 from machine import describe, matmul_peak
 from numba import njit
+from pieces import profile
 
 from rainforest.generate import generate_threaded
 from rainforest.kernels.fused_loop import WEIGHT_PRECISIONS, generate_codes
@@ -234,6 +237,26 @@ def _targets(median, networks, cores, flops, peak_all):
     print(f"fused float32 / queue numpy: {float32 / median['queue numpy B=1']:,.1f}x")
 
 
+def _pieces(networks, rounds, samples):
+    """``--pieces``: each piece's share of a step (see pieces.py), B = 1 and B = 32 on 1 core."""
+    print(f"\nper-piece profile, 1 core: microseconds per step (the best of 10 short runs) and "
+          f"share of the whole step (medians of {rounds} rounds, share min..max)")
+    for precision, network in networks.items():
+        for streams, steps in ((1, samples // 80), (32, samples // 640)):
+            runs = [profile(network, fresh_state(network, streams), steps) for _ in range(rounds)]
+            whole = np.array([run["whole step"] for run in runs])
+            parts = []
+            for name in ("products", "gates", "output stack", "sampling"):
+                seconds = np.array([run[name] for run in runs])
+                shares = 100 * seconds / whole
+                parts.append(f"{name} {1e6 * np.median(seconds):.1f} us {np.median(shares):.0f}% "
+                             f"({shares.min():.0f}..{shares.max():.0f})")
+            rest = 100 - sum(100 * np.median([run[n] / run["whole step"] for run in runs])
+                             for n in ("products", "gates", "output stack", "sampling"))
+            print(f"  {precision} B={streams}: step {1e6 * np.median(whole):.1f} us = "
+                  f"{'; '.join(parts)}; rest {rest:.0f}%")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -241,6 +264,9 @@ def main():
                         help="samples per stream for the single-stream fused runs")
     parser.add_argument("--no-keras", action="store_true",
                         help="skip the naive Keras baseline (no TensorFlow on this machine)")
+    parser.add_argument("--pieces", action="store_true",
+                        help="also time the pieces of a step: products, gates, output stack, "
+                             "sampling")
     args = parser.parse_args()
 
     config = PRESETS["medium"]
@@ -271,6 +297,8 @@ def main():
     runs = {name: values for name, values in runs.items() if values}
     peak_all = _report(median, runs, networks, flops, cores)
     _targets(median, networks, cores, flops, peak_all)
+    if args.pieces:
+        _pieces(networks, args.rounds, args.samples)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ def _full_width_vectors() -> None:
 _full_width_vectors()
 
 
+def register_tile_columns() -> int:
+    """float32 output columns per stream in a register tile of the fused generation loop: 4
+    vector registers (64 columns) where AVX-512 offers 32 registers, else 2 (16 columns) of
+    AVX2's 16, so that 4 streams' outputs, a row of weights and a broadcast factor fit."""
+    features = config.CPU_FEATURES or codegen.get_host_cpu_features()
+    return 64 if "+avx512f" in features.split(",") else 16
+
+
 def jit(function):
     """Compile ``function`` with the project-wide Numba options."""
     return numba.njit(**JIT_OPTIONS)(function)

@@ -29,13 +29,16 @@ input at time ``tau`` in row ``ring_offsets[l] + tau % dilations[l]``; ``last_co
 the codes at times t-1 and t; ``rng_states`` (B,) one splitmix64 state per stream. Step ``t``
 reads those, computes the logits of the code at ``t + 1`` and samples it.
 
-Matrix products (:func:`_product`) are written row-times-vector with the output index
-innermost, in blocks of 4 streams x 4 weight rows (8 rows for a lone stream), so each weight
-row is read once per step for every 4 streams and the inner loop is a contiguous, vectorisable
-multiply-add. Every output is summed in the same order whatever the number of streams, so
-the codes of a stream do not depend on how many streams share its call. ``tanh`` and
-``sigmoid`` use :func:`_exp32`, a polynomial exponential the compiler can vectorise (libm's
-``expf`` is a scalar call).
+Matrix products (:func:`_product`) run in register tiles of 4 streams x 64 output columns
+(4 AVX-512 registers a stream; with AVX2, 16 columns in 2; see :mod:`rainforest.kernels._lanes`):
+the tile's outputs stay in registers for the whole sum over the weight rows, each vector of
+weights, loaded once, serves 4 streams, and each output is loaded and stored once per
+product. Columns left over go a row at a time; a stream left over, or alone, goes through the
+matrix-vector form in blocks of 8 weight rows, which runs at the speed weights arrive. Every
+output is summed in the same order whatever the number of streams (its start value, then one
+fused multiply-add per weight row, in row order), so the codes of a stream do not depend on
+how many streams share its call. ``tanh`` and ``sigmoid`` use :func:`_exp32`, a polynomial
+exponential the compiler can vectorise (libm's ``expf`` is a scalar call).
 
 Precisions (:data:`WEIGHT_PRECISIONS`): the five matrices may be stored as ``bfloat16`` (the upper
 16 bits of each float32, rounded to nearest even) or ``int8`` (one scale per weight row,
@@ -54,6 +57,7 @@ from numba.extending import intrinsic, overload
 
 from rainforest.errors import ParameterError
 from rainforest.kernels._flags import JIT_OPTIONS
+from rainforest.kernels._lanes import LANES, load_lanes, multiply_add, store_lanes
 from rainforest.kernels._splitmix import GOLDEN, _mix
 from rainforest.model_config import receptive_field
 
@@ -201,32 +205,31 @@ def _sample(logits, temperature, states, stream, weights):
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
-def _four_rows_four_streams(x, w, scale, out, b, i):
-    """out[b:b+4] += (x[b:b+4, i:i+4] * scale[i:i+4]) @ w[i:i+4]: each loaded weight serves
-    4 streams, and each output is loaded and stored once per 4 weight rows."""
-    w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-    s0, s1, s2, s3 = scale[i], scale[i + 1], scale[i + 2], scale[i + 3]
-    o0, o1, o2, o3 = out[b], out[b + 1], out[b + 2], out[b + 3]
-    a0, a1, a2, a3 = x[b, i] * s0, x[b, i + 1] * s1, x[b, i + 2] * s2, x[b, i + 3] * s3
-    b0, b1 = x[b + 1, i] * s0, x[b + 1, i + 1] * s1
-    b2, b3 = x[b + 1, i + 2] * s2, x[b + 1, i + 3] * s3
-    c0, c1 = x[b + 2, i] * s0, x[b + 2, i + 1] * s1
-    c2, c3 = x[b + 2, i + 2] * s2, x[b + 2, i + 3] * s3
-    d0, d1 = x[b + 3, i] * s0, x[b + 3, i + 1] * s1
-    d2, d3 = x[b + 3, i + 2] * s2, x[b + 3, i + 3] * s3
-    for j in range(w.shape[1]):
-        p, q, r, s = _widen(w0[j]), _widen(w1[j]), _widen(w2[j]), _widen(w3[j])
-        o0[j] = (((o0[j] + a0 * p) + a1 * q) + a2 * r) + a3 * s
-        o1[j] = (((o1[j] + b0 * p) + b1 * q) + b2 * r) + b3 * s
-        o2[j] = (((o2[j] + c0 * p) + c1 * q) + c2 * r) + c3 * s
-        o3[j] = (((o3[j] + d0 * p) + d1 * q) + d2 * r) + d3 * s
+def _four_stream_tile(scaled, w, out, b, j):
+    """out[b:b+4, j:j+LANES] += scaled[b:b+4, :K] @ w[:, j:j+LANES].
+
+    The register tile: its 4 vectors of outputs stay in registers for the whole sum over k,
+    so each output is loaded and stored once per product, and each vector of weights, loaded
+    once, serves 4 streams. Each output still gets its terms one at a time in k order."""
+    first, second = load_lanes(out, b, j), load_lanes(out, b + 1, j)
+    third, fourth = load_lanes(out, b + 2, j), load_lanes(out, b + 3, j)
+    for k in range(w.shape[0]):
+        weights = load_lanes(w, k, j)
+        first = multiply_add(first, scaled[b, k], weights)
+        second = multiply_add(second, scaled[b + 1, k], weights)
+        third = multiply_add(third, scaled[b + 2, k], weights)
+        fourth = multiply_add(fourth, scaled[b + 3, k], weights)
+    store_lanes(out, b, j, first)
+    store_lanes(out, b + 1, j, second)
+    store_lanes(out, b + 2, j, third)
+    store_lanes(out, b + 3, j, fourth)
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
 def _eight_rows_one_stream(x, w, scale, out, b, i):
     """out[b] += (x[b, i:i+8] * scale[i:i+8]) @ w[i:i+8]: the matrix-vector form, each
     output loaded and stored once per 8 weight rows, so the loop runs at the speed weights
-    arrive. The sum runs row by row, as in 4-row blocks: the same result."""
+    arrive. The sum runs row by row, as in the register tiles: the same result."""
     w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
     w4, w5, w6, w7 = w[i + 4], w[i + 5], w[i + 6], w[i + 7]
     o = out[b]
@@ -242,33 +245,39 @@ def _eight_rows_one_stream(x, w, scale, out, b, i):
 
 
 @njit(inline="always", **_GENERATE_OPTIONS)
-def _rows_one_at_a_time(x, w, scale, out, streams, first_row):
-    """out[streams] += (x * scale)[streams, first_row:] @ w[first_row:], a row at a time."""
+def _rows_one_at_a_time(x, w, scale, out, streams, first_row, first_column):
+    """out[streams, first_column:] += (x * scale)[streams, first_row:] @ w[first_row:,
+    first_column:], a row at a time."""
     for i in range(first_row, x.shape[1]):
         row = w[i]
         for b in streams:
             value = x[b, i] * scale[i]
             o = out[b]
-            for j in range(w.shape[1]):
+            for j in range(first_column, w.shape[1]):
                 o[j] += value * _widen(row[j])
 
 
 @njit(**_GENERATE_OPTIONS)
-def _product(x, w, scale, out):
-    """out (B, N) += (x (B, K) * scale (K,)) @ w (K, N), in blocks of 4 streams x 4 weight
-    rows (8 rows for the streams left over); the rows left over go through the same order
-    one at a time."""
+def _product(x, w, scale, out, scaled):
+    """out (B, N) += (x (B, K) * scale (K,)) @ w (K, N); ``scaled`` (at least B x K) is scratch.
+
+    Streams in fours go through register tiles of 4 x LANES outputs, and the columns left over
+    row by row; each stream left over alone, in blocks of 8 weight rows."""
     streams, inner = x.shape
-    whole_rows, octets = inner - inner % 4, inner - inner % 8
-    blocked_streams = streams - streams % 4
-    for b in range(0, blocked_streams, 4):
-        for i in range(0, whole_rows, 4):
-            _four_rows_four_streams(x, w, scale, out, b, i)
-    _rows_one_at_a_time(x, w, scale, out, range(blocked_streams), whole_rows)
-    for b in range(blocked_streams, streams):
+    tiled_streams = streams - streams % 4
+    tiled_columns = w.shape[1] - w.shape[1] % LANES
+    for b in range(tiled_streams):  # the tiles' broadcast factors, rounded as x * scale
+        for k in range(inner):
+            scaled[b, k] = x[b, k] * scale[k]
+    for b in range(0, tiled_streams, 4):
+        for j in range(0, tiled_columns, LANES):
+            _four_stream_tile(scaled, w, out, b, j)
+    _rows_one_at_a_time(x, w, scale, out, range(tiled_streams), 0, tiled_columns)
+    octets = inner - inner % 8
+    for b in range(tiled_streams, streams):
         for i in range(0, octets, 8):
             _eight_rows_one_stream(x, w, scale, out, b, i)
-    _rows_one_at_a_time(x, w, scale, out, range(blocked_streams, streams), octets)
+    _rows_one_at_a_time(x, w, scale, out, range(tiled_streams, streams), octets, 0)
 
 
 @njit(**_GENERATE_OPTIONS)
@@ -298,6 +307,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
     head = np.empty((streams, skip), np.float32)
     logits = np.empty((streams, classes), np.float32)
     weights = np.empty(classes, np.float32)
+    scaled = np.empty((streams, max(double_residual, layers * gate, skip)), np.float32)
 
     for step in range(steps):
         t = position + step
@@ -315,7 +325,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
                     rings[b, slot, i] = taps[b, residual + i]
                 for j in range(double_gate):
                     z[b, j] = gate_bias[b, layer, j]
-            _product(taps, gate_kernel[layer], gate_scale[layer], z)
+            _product(taps, gate_kernel[layer], gate_scale[layer], z, scaled)
             first = layer * gate
             for b in range(streams):
                 for k in range(gate):
@@ -326,7 +336,7 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
                 for b in range(streams):
                     for i in range(residual):
                         delta[b, i] = residual_bias[layer, i]
-                _product(gated, residual_kernel[layer], residual_scale[layer], delta)
+                _product(gated, residual_kernel[layer], residual_scale[layer], delta, scaled)
                 for b in range(streams):
                     for i in range(residual):
                         taps[b, residual + i] += delta[b, i]
@@ -335,18 +345,18 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
         for b in range(streams):
             for j in range(skip):
                 skip_sum[b, j] = skip_bias[j]
-        _product(gated_all, skip_kernel, skip_scale, skip_sum)
+        _product(gated_all, skip_kernel, skip_scale, skip_sum, scaled)
         for b in range(streams):
             for j in range(skip):
                 skip_sum[b, j] = skip_sum[b, j] if skip_sum[b, j] > 0 else np.float32(0.0)
                 head[b, j] = output1_bias[j]
-        _product(skip_sum, output1_kernel, output1_scale, head)
+        _product(skip_sum, output1_kernel, output1_scale, head, scaled)
         for b in range(streams):
             for j in range(skip):
                 head[b, j] = head[b, j] if head[b, j] > 0 else np.float32(0.0)
             for j in range(classes):
                 logits[b, j] = output2_bias[j]
-        _product(head, output2_kernel, output2_scale, logits)
+        _product(head, output2_kernel, output2_scale, logits, scaled)
 
         for b in range(streams):
             if record_logits:

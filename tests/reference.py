@@ -160,3 +160,48 @@ def queue_wavenet_logits(weights, dilations, codes, *, label_id=None, dtype=np.f
             head = np.maximum(np.maximum(skip, 0) @ w["output1_kernel"] + w["output1_bias"], 0)
             out.append(head @ w["output2_kernel"] + w["output2_bias"])
     return np.array(out)
+
+
+def stored_weights_as_float32(stored):
+    """The float32 values of stored weights: float32 as they are, bfloat16 (uint16, the upper
+    half of a float32) shifted into place, int8 converted."""
+    stored = np.asarray(stored)
+    if stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored.astype(np.float32)
+
+
+def fused_multiply_add32(a, b, c):
+    """``a * b + c`` of float32 arrays rounded once to float32 (what an FMA instruction gives).
+
+    The product of two float32 is exact in float64 (24 + 24 significant bits); the sum is made
+    exact as ``s + e`` (Knuth's TwoSum). Rounding ``s`` to float32 is then the correct rounding
+    of ``s + e``, except where ``s`` lies exactly halfway between two float32 and ``e != 0``:
+    there the exact value lies on ``e``'s side of the tie.
+    """
+    a, b, c = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    product = a * b
+    s = product + c
+    z = s - product
+    e = (product - (s - z)) + (c - z)
+    nearest = s.astype(np.float32)
+    neighbour = np.nextafter(nearest, np.where(nearest > s, -np.inf, np.inf).astype(np.float32))
+    halfway = (nearest.astype(np.float64) + neighbour.astype(np.float64)) / 2 == s
+    side = np.where(e > 0, np.maximum(nearest, neighbour), np.minimum(nearest, neighbour))
+    return np.where(halfway & (e != 0), side, nearest)
+
+
+def ordered_product(x, weights, scale, start):
+    """``start + (x * scale) @ weights`` summed as the fused generation loop promises: for every
+    output its start value, then the rows k = 0, 1, ..., K-1 in order, each added by one fused
+    multiply-add of ``x[b, k] * scale[k]`` (a float32 product, rounded) and ``weights[k]``.
+
+    ``weights`` (K, N) are the stored weights (float32, bfloat16 as uint16, or int8), ``scale``
+    (K,) their row scales, ``start`` (B, N) the start values (the bias).
+    """
+    weights = stored_weights_as_float32(weights)
+    factors = np.asarray(x, np.float32) * np.asarray(scale, np.float32)[None, :]
+    out = np.array(start, np.float32)
+    for k in range(weights.shape[0]):
+        out = fused_multiply_add32(factors[:, k:k + 1], weights[k][None, :], out)
+    return out

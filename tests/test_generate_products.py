@@ -1,10 +1,12 @@
-"""The fused loop's matrix product: one summation order for any number of streams, exact
-against Keras for widths that are not a multiple of the 4 x 4 blocking."""
+"""The fused loop's matrix product: one summation order for any number of streams, bit for bit
+the ordered sum of the reference, and exact against Keras for widths that leave remainders
+in every block (streams, rows and columns)."""
 
 import numpy as np
 import pytest
 
 from rainforest.generate import load_network
+from rainforest.kernels._lanes import LANES
 from rainforest.kernels.fused_loop import (
     WEIGHT_PRECISIONS,
     _product,
@@ -14,6 +16,7 @@ from rainforest.kernels.fused_loop import (
 )
 from rainforest.kernels.priming import prime_state, stream_gate_bias, stream_seeds
 from rainforest.model_config import PRESETS, ModelConfig
+from reference import fused_multiply_add32, ordered_product
 from test_generate import assert_logits_close, keras_checkpoint, keras_logits, label_ids
 
 # Widths of 5, 7, 11 and 37: every block of the product has a remainder (channels % 4 != 0).
@@ -22,14 +25,51 @@ ODD_WIDTHS = ModelConfig(dilations=(1, 2, 3, 1), residual_channels=7, gate_chann
                          condition_channels=3)
 
 
+def _multiplied(x, w, scale, start):
+    """``start + (x * scale) @ w`` by the loop's product, with a scratch bigger than it needs
+    and full of NaN, so that reading a factor it did not write would show in the result."""
+    out = start.copy()
+    scratch = np.full((x.shape[0] + 3, x.shape[1] + 5), np.nan, np.float32)
+    _product(np.ascontiguousarray(x), w, scale, out, scratch)
+    return out
+
+
 def _one_at_a_time(x, w, scale, start):
     """The product for each stream in a call of its own (one row of x at a time)."""
-    rows = []
-    for b in range(x.shape[0]):
-        out = start[b:b + 1].copy()
-        _product(x[b:b + 1], w, scale, out)
-        rows.append(out[0])
-    return np.stack(rows)
+    return np.concatenate([_multiplied(x[b:b + 1], w, scale, start[b:b + 1])
+                           for b in range(x.shape[0])])
+
+
+def test_the_reference_fused_multiply_add_rounds_once():
+    """The case where rounding to float64 and then to float32 goes wrong: a * b + c lies just
+    below the midpoint between c and the next float32, its float64 rounding on the midpoint."""
+    a, b = np.float32(8 * (1 - 2**-15)), np.float32(8 * (1 + 2**-15))  # a * b = 64 - 2**-24
+    c = np.float32(2**30 + 2**7)  # float32 neighbours 2**7 = 128 apart
+    assert np.float32(np.float64(a) * np.float64(b) + np.float64(c)) == c + np.float32(128)
+    assert fused_multiply_add32(a, b, c) == c
+
+
+# K that is no multiple of 4 or 8; N (LANES columns per tile) below, at and past a whole
+# tile, and with more than half a tile left over after two.
+TILE_SHAPES = [(13, LANES + 5), (7, LANES), (130, 2 * LANES + LANES // 2 + 3), (1, LANES - 1),
+               (9, 3), (24, 2 * LANES)]
+
+
+@pytest.mark.parametrize("form", WEIGHT_PRECISIONS)
+@pytest.mark.parametrize("inner, outputs", TILE_SHAPES)
+def test_product_is_the_ordered_sum_for_every_remainder(inner, outputs, form):
+    """Bit for bit the reference's ordered sum (start, then one fused multiply-add per row in
+    row order) for 1..9 streams: no register tile, no stream, row or column left over changes
+    the summation order or is dropped."""
+    rng = np.random.default_rng(inner * 1000 + outputs)
+    streams = 9  # two tiles of 4 streams and one left over
+    x = rng.standard_normal((streams, inner)).astype(np.float32)
+    w, scale = _store(rng.standard_normal((inner, outputs)).astype(np.float32), form)
+    start = rng.standard_normal((streams, outputs)).astype(np.float32)
+    for count in range(1, streams + 1):
+        got = _multiplied(x[:count], w, scale, start[:count])
+        expected = ordered_product(x[:count], w, scale, start[:count])
+        np.testing.assert_array_equal(got, expected, err_msg=f"{count} streams")
 
 
 @pytest.mark.parametrize("form", WEIGHT_PRECISIONS)
@@ -45,8 +85,7 @@ def test_product_is_the_same_for_one_stream_or_many(streams, inner, outputs, for
     x = rng.standard_normal((streams, inner)).astype(np.float32)
     w, scale = _store(rng.standard_normal((inner, outputs)).astype(np.float32), form)
     start = rng.standard_normal((streams, outputs)).astype(np.float32)
-    together = start.copy()
-    _product(x, w, scale, together)
+    together = _multiplied(x, w, scale, start)
     np.testing.assert_array_equal(together, _one_at_a_time(x, w, scale, start))
     meant = widened(w).astype(np.float64) * scale.astype(np.float64)[:, None]
     exact = start.astype(np.float64) + x.astype(np.float64) @ meant
