@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,13 @@ import reference
 sys.path.insert(0, os.path.dirname(__file__))
 
 RAINFOREST = [sys.executable, "-m", "rainforest.cli"]
+
+# A shell without job control starts a background command (`pytest &`, `nohup`, some CI
+# runners) with SIGINT ignored, and every command a test starts would inherit that and
+# ignore the Ctrl-C the signal tests send. Python's own handler is reset to the default on
+# exec, so the commands get Ctrl-C as a terminal delivers it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
