@@ -19,6 +19,7 @@ from numba import njit
 
 from rainforest.kernels.fused_loop import (
     FusedNetwork,
+    _output_stack,
     _product,
     _sample,
     _sigmoid32,
@@ -60,25 +61,13 @@ def _gates(steps, z, layers):
 
 
 @njit(**_OPTIONS)
-def _output_stack(steps, skip_sum, output1_kernel, output1_scale, output1_bias, output2_kernel,
-                  output2_scale, output2_bias, scaled):
-    streams, skip = skip_sum.shape
-    classes = output2_bias.shape[0]
-    relu = np.empty_like(skip_sum)
+def _output_stack_steps(steps, skip_sum, output1_kernel, output1_scale, output1_bias,
+                        output2_kernel, output2_scale, output2_bias, scaled):
     head = np.empty_like(skip_sum)
-    logits = np.empty((streams, classes), np.float32)
+    logits = np.empty((skip_sum.shape[0], output2_bias.shape[0]), np.float32)
     for _ in range(steps):
-        for b in range(streams):
-            for j in range(skip):
-                relu[b, j] = skip_sum[b, j] if skip_sum[b, j] > 0 else np.float32(0.0)
-                head[b, j] = output1_bias[j]
-        _product(relu, output1_kernel, output1_scale, head, scaled)
-        for b in range(streams):
-            for j in range(skip):
-                head[b, j] = head[b, j] if head[b, j] > 0 else np.float32(0.0)
-            for j in range(classes):
-                logits[b, j] = output2_bias[j]
-        _product(head, output2_kernel, output2_scale, logits, scaled)
+        _output_stack(skip_sum, head, logits, output1_kernel, output1_scale, output1_bias,
+                      output2_kernel, output2_scale, output2_bias, scaled)
     return logits[0, 0]
 
 
@@ -120,8 +109,8 @@ def profile(network, state, steps, repeats=10):
         "products": (_layer_products, taps, gate, gate_scale, residual, residual_scale, skip,
                      skip_scale, scaled),
         "gates": (_gates, z, layers),
-        "output stack": (_output_stack, skip_sum, out1, out1_scale, network.output1_bias, out2,
-                         out2_scale, network.output2_bias, scaled),
+        "output stack": (_output_stack_steps, skip_sum, out1, out1_scale,
+                         network.output1_bias, out2, out2_scale, network.output2_bias, scaled),
         "sampling": (_sampling, logits, states),
     }
     seconds = {}

@@ -280,6 +280,25 @@ def _product(x, w, scale, out, scaled):
     _rows_one_at_a_time(x, w, scale, out, range(tiled_streams, streams), octets, 0)
 
 
+@njit(inline="always", **_GENERATE_OPTIONS)
+def _output_stack(skip_sum, head, logits, output1_kernel, output1_scale, output1_bias,
+                  output2_kernel, output2_scale, output2_bias, scaled):
+    """logits = relu(relu(skip_sum) @ output1 + bias) @ output2 + bias, for every stream;
+    ``skip_sum`` is rectified in place, ``head`` is the scratch for the middle layer."""
+    streams, skip = skip_sum.shape
+    for b in range(streams):
+        for j in range(skip):
+            skip_sum[b, j] = skip_sum[b, j] if skip_sum[b, j] > 0 else np.float32(0.0)
+            head[b, j] = output1_bias[j]
+    _product(skip_sum, output1_kernel, output1_scale, head, scaled)
+    for b in range(streams):
+        for j in range(skip):
+            head[b, j] = head[b, j] if head[b, j] > 0 else np.float32(0.0)
+        for j in range(logits.shape[1]):
+            logits[b, j] = output2_bias[j]
+    _product(head, output2_kernel, output2_scale, logits, scaled)
+
+
 @njit(**_GENERATE_OPTIONS)
 def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
               residual_kernel, residual_bias, skip_kernel, skip_bias, output1_kernel,
@@ -346,17 +365,8 @@ def _generate(input_previous, input_current, input_bias, gate_kernel, gate_bias,
             for j in range(skip):
                 skip_sum[b, j] = skip_bias[j]
         _product(gated_all, skip_kernel, skip_scale, skip_sum, scaled)
-        for b in range(streams):
-            for j in range(skip):
-                skip_sum[b, j] = skip_sum[b, j] if skip_sum[b, j] > 0 else np.float32(0.0)
-                head[b, j] = output1_bias[j]
-        _product(skip_sum, output1_kernel, output1_scale, head, scaled)
-        for b in range(streams):
-            for j in range(skip):
-                head[b, j] = head[b, j] if head[b, j] > 0 else np.float32(0.0)
-            for j in range(classes):
-                logits[b, j] = output2_bias[j]
-        _product(head, output2_kernel, output2_scale, logits, scaled)
+        _output_stack(skip_sum, head, logits, output1_kernel, output1_scale, output1_bias,
+                      output2_kernel, output2_scale, output2_bias, scaled)
 
         for b in range(streams):
             if record_logits:
