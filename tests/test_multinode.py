@@ -293,9 +293,7 @@ def test_a_two_node_train_job_requeued_mid_run_loses_and_repeats_no_step(nodes, 
 
 
 def _logged_steps(run: Path) -> list[int]:
-    metrics = run / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] \
-        if metrics.exists() else []
+    return [row["step"] for row in runlog.read_metrics(str(run))]
 
 
 class _Log:
@@ -310,27 +308,25 @@ class _Log:
     def mark(self) -> int:
         return len(self.text())
 
-    def wait_for(self, what: str, pattern: str, after: int, timeout: float) -> re.Match:
+    def until(self, what: str, found, timeout: float):
+        """Poll ``found()`` until it gives something true; fail if the job ends first."""
         deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, self.text()[after:])
-            if found:
-                return found
-            alive = self.process.poll() is None
-            assert alive and time.monotonic() < deadline, \
+        while not (result := found()):
+            assert self.process.poll() is None and time.monotonic() < deadline, \
                 f"no {what} within {timeout} s:\n{self.text()[-4000:]}"
             time.sleep(0.2)
+        return result
+
+    def wait_for(self, what: str, pattern: str, after: int, timeout: float) -> re.Match:
+        return self.until(what, lambda: re.search(pattern, self.text()[after:]), timeout)
 
 
 def _wait_steps(run: Path, log: _Log, ranks: int, after_step: int, count: int,
                 timeout: float) -> None:
     """Until ``count`` steps after ``after_step`` are logged as trained on ``ranks`` ranks."""
-    deadline = time.monotonic() + timeout
-    while sum(row.get("ranks") == ranks and row["step"] > after_step
-              for row in runlog.read_metrics(str(run))) < count:
-        assert log.process.poll() is None and time.monotonic() < deadline, \
-            f"not {count} steps on {ranks} ranks within {timeout} s:\n{log.text()[-4000:]}"
-        time.sleep(0.2)
+    log.until(f"{count} steps on {ranks} ranks", lambda: sum(
+        row.get("ranks") == ranks and row["step"] > after_step
+        for row in runlog.read_metrics(str(run))) >= count, timeout)
 
 
 #: Steps between commits of the elastic run: what a lost node may cost at most.
