@@ -6,8 +6,10 @@ Each round measures, side by side so that machine noise hits all alike:
 * peak:        a 4096^3 float32 numpy matmul on every core (the same cores TensorFlow uses),
                measured by ``machine.py`` with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset;
 * graph / xla: one rank (``rainforest.train.Trainer``) in a fresh process, with
-  ``tf.function`` and ``tf.function(jit_compile=True)``, in float32 and (``+bf16``) with
-  ``--precision mixed_bfloat16`` (bfloat16 compute, float32 weights);
+  ``tf.function`` and ``tf.function(jit_compile=True)`` (each with its own network layout,
+  ``rainforest.train.LAYOUT_OF_COMPILE``), in float32 and (``+bf16``) with
+  ``--precision mixed_bfloat16`` (bfloat16 compute, float32 weights); the default,
+  ``--compile auto --precision auto``, picks among these with ``step_choice.fastest``;
 * keras:       the straightforward Keras WaveNet a user would otherwise write (causal
   ``Conv1D(dilation_rate=d)`` for tanh and for sigmoid, ``Multiply``, 1x1 ``Conv1D`` for the
   residual and the skip, ``Add``; ``model.compile`` defaults and ``train_on_batch``), the same
@@ -177,6 +179,8 @@ def main() -> None:
 
 
 def _targets(results, peak, flops_per_sample, cores) -> None:
+    from rainforest.step_choice import fastest, native_bfloat16
+
     def verdict(ok):
         return "met" if ok else "MISSED"
 
@@ -193,6 +197,14 @@ def _targets(results, peak, flops_per_sample, cores) -> None:
     keras_ratio = median[float32] / median["keras x1"]
     print(f"best float32 / straightforward Keras: {keras_ratio:.2f}x (target >= 2x: "
           f"{verdict(keras_ratio >= 2)})")
+    timed = {"graph/float32": "graph x1", "xla/float32": "xla x1"}
+    if native_bfloat16(gpu=False):  # as --precision auto: bfloat16 only where it is native
+        timed.update({"graph/mixed_bfloat16": "graph+bf16 x1", "xla/mixed_bfloat16": "xla+bf16 x1"})
+    choice = fastest({name: 1 / median[variant] for name, variant in timed.items()})
+    default = median[timed["/".join(choice)]]
+    print(f"default (--compile auto --precision auto, on these medians): {', '.join(choice)}: "
+          f"{default / median['keras x1']:.2f}x the straightforward Keras (floor >= 1x: "
+          f"{verdict(default >= median['keras x1'])})")
     bf16_ratio = median[bf16] / median[float32]
     print(f"best bfloat16: {bf16}, {bf16_ratio:.2f}x the best float32 (target >= 1.5x: "
           f"{verdict(bf16_ratio >= 1.5)})")

@@ -27,47 +27,83 @@ def add_weights(layer: keras.layers.Layer, entries) -> None:
     layer.built = True
 
 
-class ResidualBlock(keras.layers.Layer):
-    """One gated, dilated residual block: kernel-2 dilated conv -> tanh x sigmoid -> 1x1s."""
+#: How the blocks lay out time. ``"sliced"``: each block's output is its dilation shorter
+#: than its input (the dilated taps are slices), and only the targets' positions of each gate
+#: output reach the skip sum; XLA fuses those slices into the products. ``"causal"``: each
+#: block keeps its length (zeros before the start, as a causal convolution), no large
+#: activation is sliced, and the skip sum is cropped once; without XLA every slice of a large
+#: activation costs about as much as a product, so graph mode runs this one. Both compute the
+#: same logits from the same weights.
+LAYOUTS = ("sliced", "causal")
 
-    def __init__(self, config: ModelConfig, dilation: int, *, has_residual: bool, **kwargs):
+
+class ResidualBlock(keras.layers.Layer):
+    """One gated, dilated residual block: kernel-2 dilated conv -> tanh x sigmoid -> 1x1s.
+
+    Returns the residual output (``None`` for the last block) and the gate output, which the
+    model projects into the skip sum.
+    """
+
+    def __init__(self, config: ModelConfig, dilation: int, *, has_residual: bool,
+                 layout: str, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self.dilation = dilation
         self.has_residual = has_residual
+        self.layout = layout
 
-    def call(self, hidden, condition, target_length):
+    def _sliced_halves(self, hidden):
         d, g = self.dilation, self.config.gate_channels
         r = self.config.residual_channels
         past, current = hidden[:, :-d], hidden[:, d:]
         # One matmul for both taps and both halves: (2r) -> (filter, gate).
         taps = ops.concatenate([past, current], axis=-1)
         z = ops.matmul(taps, ops.reshape(self.gate_kernel, (2 * r, 2 * g))) + self.gate_bias
+        return z[..., :g], z[..., g:], current
+
+    def _causal_halves(self, hidden):
+        d, g = self.dilation, self.config.gate_channels
+        padded = ops.pad(hidden, [[0, 0], [d, 0], [0, 0]])
+        # One convolution per half: slicing the small kernel is cheap, slicing the
+        # (batch, time, 2 x gate) product is not.
+        halves = [ops.conv(padded, self.gate_kernel[..., part], dilation_rate=d)
+                  + self.gate_bias[part] for part in (slice(None, g), slice(g, None))]
+        return halves[0], halves[1], hidden
+
+    def call(self, hidden, condition):
+        g = self.config.gate_channels
+        halves = self._causal_halves if self.layout == "causal" else self._sliced_halves
+        filter_half, gate_half, current = halves(hidden)
         if condition is not None:
-            z = z + ops.expand_dims(ops.matmul(condition, self.condition_kernel), 1)
-        gated = ops.tanh(z[..., :g]) * ops.sigmoid(z[..., g:])
-        # The skip projection is applied to all blocks at once by the model (one big matmul).
-        skip_input = gated[:, -target_length:]
+            projected = ops.expand_dims(ops.matmul(condition, self.condition_kernel), 1)
+            filter_half = filter_half + projected[..., :g]
+            gate_half = gate_half + projected[..., g:]
+        gated = ops.tanh(filter_half) * ops.sigmoid(gate_half)
         if not self.has_residual:
-            return None, skip_input
-        residual = ops.matmul(gated, self.residual_kernel) + self.residual_bias + current
-        return residual, skip_input
+            return None, gated
+        return ops.matmul(gated, self.residual_kernel) + self.residual_bias + current, gated
 
 
 class WaveNet(keras.Model):
     """The network. Call ``model(codes)`` or ``model(codes, labels)`` for conditioned configs.
 
     ``codes`` has shape ``(batch, receptive_field - 1 + T)``; the logits have shape
-    ``(batch, T, classes)``.
+    ``(batch, T, classes)``. ``layout`` is one of :data:`LAYOUTS`.
     """
 
-    def __init__(self, config: ModelConfig, **kwargs):
+    def __init__(self, config: ModelConfig, layout: str = "sliced", **kwargs):
+        # A fixed name, not Keras's per-process counter (wave_net_1, ...): the optimizer's
+        # slot names include it, and a checkpoint must load in any process.
+        kwargs.setdefault("name", "wave_net")
         super().__init__(**kwargs)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.config = config
+        self.layout = layout
         self.receptive_field = receptive_field(config)
         last = len(config.dilations) - 1
         self.blocks = [
-            ResidualBlock(config, d, has_residual=k != last, name=block_name(k))
+            ResidualBlock(config, d, has_residual=k != last, layout=layout, name=block_name(k))
             for k, d in enumerate(config.dilations)
         ]
 
@@ -92,23 +128,36 @@ class WaveNet(keras.Model):
                 raise ValueError("this model is conditioned on labels; call model(codes, labels)")
             condition = ops.take(self.label_embedding, ops.cast(labels, "int32"), axis=0)
             condition = ops.cast(condition, self.compute_dtype)
-        skip_inputs = []
+        gate_outputs = []
         for block in self.blocks:
-            hidden, skip_input = block(hidden, condition=condition, target_length=target_length)
-            skip_inputs.append(skip_input)
-        # sum_k gated_k @ W_k == concat_k(gated_k) @ stack_k(W_k): one wide, efficient matmul
-        # instead of one narrow matmul and one full-size addition per block.
-        skip_kernel = ops.concatenate([b.skip_kernel for b in self.blocks], axis=0)
+            hidden, gated = block(hidden, condition=condition)
+            gate_outputs.append(gated)
         skip_bias = sum(b.skip_bias for b in self.blocks)
-        skip_sum = ops.matmul(ops.concatenate(skip_inputs, axis=-1), skip_kernel) + skip_bias
-        out = ops.relu(skip_sum)
+        out = ops.relu(self._skip_sum(gate_outputs, target_length) + skip_bias)
         out = ops.relu(ops.matmul(out, self.output1_kernel) + self.output1_bias)
         logits = ops.matmul(out, self.output2_kernel) + self.output2_bias
         return ops.cast(logits, "float32")
 
+    def _skip_sum(self, gate_outputs, target_length):
+        """sum_k gated_k @ skip_kernel_k over the targets' positions (without the biases)."""
+        if self.layout == "causal":
+            skip_sum = None
+            for block, gated in zip(self.blocks, gate_outputs, strict=True):
+                skip = ops.matmul(gated, block.skip_kernel)
+                skip_sum = skip if skip_sum is None else skip_sum + skip
+            # The targets are the last positions: those with a whole receptive field.
+            return skip_sum[:, -target_length:]
+        # sum_k gated_k @ W_k == concat_k(gated_k) @ stack_k(W_k): one wide, efficient matmul
+        # instead of one narrow matmul and one full-size addition per block.
+        skip_kernel = ops.concatenate([b.skip_kernel for b in self.blocks], axis=0)
+        return ops.matmul(ops.concatenate([g[:, -target_length:] for g in gate_outputs],
+                                          axis=-1), skip_kernel)
 
-def build_model(config: ModelConfig, *, seed: int = 0) -> WaveNet:
+
+def build_model(config: ModelConfig, *, seed: int = 0, layout: str = "sliced") -> WaveNet:
     """A ``WaveNet`` with its weights created; call it on ``codes`` or ``(codes, labels)``.
+
+    ``layout`` (one of :data:`LAYOUTS`) changes how the graph is built, not what it computes.
 
     Examples
     --------
@@ -119,6 +168,6 @@ def build_model(config: ModelConfig, *, seed: int = 0) -> WaveNet:
     (1, 10, 256)
     """
     keras.utils.set_random_seed(seed)
-    model = WaveNet(config)
+    model = WaveNet(config, layout)
     model.build_weights()
     return model

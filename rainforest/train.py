@@ -35,12 +35,15 @@ from rainforest.model_config import ModelConfig, multiply_adds_per_sample, recep
 from rainforest.runlog import RankZeroLog, forget_steps_after
 from rainforest.sampling import WindowSampler, rank_share, split_songs, validation_windows
 from rainforest.signals import StopRequest, graceful_stop
+from rainforest.step_choice import StepChoice, choose, gpu_present, rule
 from rainforest.training_samples import Snapshot, TrainingSampler
 from rainforest.watchdog import arm_watchdog
 
-COMPILE_MODES = ("eager", "graph", "xla")
+COMPILE_MODES = ("auto", "eager", "graph", "xla")
 #: `train --precision`: the Keras dtype policy of the compute (weights stay float32).
 TRAINING_PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+#: The network layout each compile mode runs fastest (see rainforest.network.LAYOUTS).
+LAYOUT_OF_COMPILE = {"eager": "causal", "graph": "causal", "xla": "sliced"}
 
 
 @documented
@@ -69,9 +72,13 @@ class TrainConfig(Config):
                                     "the end)")
     keep_checkpoints: int = setting(3, "checkpoints kept", flag="--keep")
     seed: int = setting(0, "seed of the weights and of the data order")
-    compile: str = setting("graph", "eager, tf.function graph, or XLA (jit_compile) steps",
-                           choices=COMPILE_MODES)
-    precision: str = setting("auto", "auto: bfloat16 compute on a GPU, float32 on a CPU",
+    compile: str = setting("auto", "eager, tf.function graph, or XLA (jit_compile) steps; "
+                           "auto: a run of 300+ steps times a few steps of graph and XLA and "
+                           "takes the faster, a shorter one takes graph", choices=COMPILE_MODES)
+    precision: str = setting("auto", "compute dtype (weights stay float32); auto: a run of "
+                             "300+ steps on a machine with native bfloat16 (GPU, AVX512_BF16, "
+                             "AMX) also times mixed_bfloat16 and takes it when 1.1x faster; "
+                             "otherwise bfloat16 on a GPU, float32 on a CPU",
                              choices=TRAINING_PRECISIONS)
     log_every: int = setting(10, "metrics period in steps")
     stall_timeout: float = setting(600.0, "end a rank when, after its first step, no step has "
@@ -177,16 +184,17 @@ class Trainer:
 
         self.hvd, self.config, self.model_config = hvd, config, model_config
         self.size = hvd.size()
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-        precision = config.precision
-        if precision == "auto":
-            precision = "mixed_bfloat16" if gpu else "float32"
+        # "auto" left in a config (the API, or a checkpoint older than --compile auto) takes
+        # the rule's choice; `train` resolves it before building a Trainer.
+        compile_mode, precision = rule(config.compile, config.precision, gpu_present())
         keras.mixed_precision.set_dtype_policy(precision)
         self.receptive = receptive_field(model_config)
         # Every rank builds the same initial weights from the seed; the broadcast after the
         # first step makes that a guarantee rather than an assumption.
-        self.model = build_model(model_config, seed=config.seed)
-        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        self.model = build_model(model_config, seed=config.seed,
+                                 layout=LAYOUT_OF_COMPILE[compile_mode])
+        # Named, as the model is: its variables' names are checked when a checkpoint loads.
+        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, name="adam")
         self.optimizer.build(self.model.trainable_variables)
         self.broadcast_done = False
         model, optimizer, receptive = self.model, self.optimizer, self.receptive
@@ -196,9 +204,9 @@ class Trainer:
             logits = model(inputs, labels) if conditioned else model(inputs)
             return nll_nats(logits, targets)
 
-        jit = config.compile == "xla"
-        forward = local_loss if config.compile == "eager" else tf.function(
-            local_loss, jit_compile=jit)
+        eager = compile_mode == "eager"
+        forward = local_loss if eager else tf.function(local_loss,
+                                                       jit_compile=compile_mode == "xla")
 
         def step(windows, labels, learning_rate, stop_requested):
             inputs, targets = split_window(windows, receptive)
@@ -220,8 +228,8 @@ class Trainer:
             count = tf.cast(tf.size(targets), tf.float64)
             return tf.cast(forward(inputs, targets, labels), tf.float64) * count, count
 
-        self._step = step if config.compile == "eager" else tf.function(step)
-        self._summed_nll = summed_nll if config.compile == "eager" else tf.function(summed_nll)
+        self._step = step if eager else tf.function(step)
+        self._summed_nll = summed_nll if eager else tf.function(summed_nll)
 
     def train_step(self, windows, labels, step: int, *, stop_requested: bool = False):
         """One optimizer step on this rank's batch; returns (mean loss in nats, grad norm, stop)."""
@@ -476,9 +484,11 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
         _check_resume(state, dataset, manifest_digest, size, say)
     check_fit(dataset, state.model)
     data = training_input(dataset, state, rank=rank, size=size)
+    choice = _step_choice(state, hvd, elastic=elastic, log=say)
     state.data = {"seed": state.train.seed, "ranks": size, "dataset": dataset.url,
                   "dataset_manifest_sha256": manifest_digest,
-                  "steps_per_epoch": data.sampler.steps_per_epoch}
+                  "steps_per_epoch": data.sampler.steps_per_epoch,
+                  "step_choice": choice.to_dict()}
     trainer = Trainer(state.model, state.train, hvd)
     if state.resumed_from:
         with checkpoint.local_copy(state.resumed_from) as folder:
@@ -509,6 +519,24 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
     return {"step": state.step, "stopped_by": stopped_by, "validation_bits": val_bits,
             "unigram_bits": unigram, "rank": hvd.rank(), "ranks": hvd.size(),
             "last": writer.last}
+
+
+def _step_choice(state: TrainingState, hvd, *, elastic: bool, log) -> StepChoice:
+    """Resolve a new run's ``--compile auto`` and ``--precision auto`` into ``state.train``;
+    a resumed run keeps the choice it was started with."""
+    if state.resumed_from:
+        saved = state.data.get("step_choice")
+        if saved:
+            return StepChoice(**saved)
+        return StepChoice(state.train.compile, state.train.precision, reason="as saved")
+    config = state.train
+    choice = choose(state.model, config, hvd, gpu=gpu_present(), steps_left=config.steps,
+                    elastic=elastic, log=log,
+                    build_trainer=lambda candidate: Trainer(state.model, candidate, hvd))
+    state.train = dataclasses.replace(config, compile=choice.compile,
+                                      precision=choice.precision)
+    log(f"training step: {choice.compile}, {choice.precision}: {choice.reason}")
+    return choice
 
 
 @dataclass
@@ -674,5 +702,5 @@ def _banner(dataset: Dataset, state: TrainingState, size: int, data: TrainingInp
         f"skip {model_config.skip_channels}, {multiply_adds_per_sample(model_config) / 1e6:.2f} "
         f"M multiply-adds/sample{labels}\n"
         f"{size} rank(s) x batch {config.batch_size} x {config.target_length} targets; "
-        f"{config.compile}; {where}"
+        f"{config.compile}, {config.precision}; {where}"
     )

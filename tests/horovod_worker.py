@@ -8,11 +8,16 @@ every rank with the same weights. MODE ``equivalence``: one step on a fixed glob
 of 2B windows, each rank taking its B (one rank takes all 2B); besides the weights it saves
 the step's loss and gradient norm, both taken after the allreduce, so the test checks the
 averaged gradient and metric themselves, not only their effect on the weights through Adam.
+MODE ``choice``: `--compile auto --precision auto` timed on every rank (a run long enough to
+time the candidates); it saves the choice (JSON) and the weights of the Trainer built after it,
+before any step.
 Each rank saves to ``OUT_DIR/rank-R.npz``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 
@@ -47,6 +52,16 @@ def main(mode: str, out: str) -> None:
         mine = np.array_split(windows.astype(np.uint8), size)[rank]
         loss, norm, _ = trainer.train_step(mine, np.zeros(mine.shape[0], np.int32), 0)
         extra = {"loss": loss, "grad_norm": norm}
+    elif mode == "choice":
+        from rainforest.step_choice import MEASURE_FROM_STEPS, choose
+
+        config = TrainConfig(seed=0, batch_size=2, target_length=TARGET, warmup_steps=0)
+        choice = choose(model_config, config, hvd, gpu=False, steps_left=MEASURE_FROM_STEPS,
+                        elastic=False, log=print,
+                        build_trainer=lambda candidate: Trainer(model_config, candidate, hvd))
+        config = dataclasses.replace(config, compile=choice.compile, precision=choice.precision)
+        trainer = Trainer(model_config, config, hvd)
+        extra = {"choice": json.dumps(choice.to_dict())}
     else:
         raise SystemExit(f"unknown mode {mode}")
     weights = {f"w{i:03d}": w for i, w in enumerate(trainer.weights())}

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import TINY_TRAINING, rank_env
 from rainforest import checkpoint
+from rainforest.model_config import PRESETS
 
 pytestmark = pytest.mark.distributed
 
@@ -84,6 +85,31 @@ def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(launcher, tmp_path, one
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
         moved += 1
     assert moved > 20
+
+
+def test_auto_step_choice_times_every_candidate_and_both_ranks_choose_the_fastest(tmp_path):
+    from rainforest.network import build_model
+    from rainforest.step_choice import BFLOAT16_MIN_GAIN, native_bfloat16
+
+    ranks = _worker("horovodrun-gloo", "choice", tmp_path / "out")
+    assert len(ranks) == 2
+    choices = [json.loads(str(rank["choice"])) for rank in ranks]
+    assert choices[0] == choices[1]  # the slowest rank's times, so one choice
+    choice, seconds = choices[0], choices[0]["seconds"]
+    precisions = ["float32", "mixed_bfloat16"] if native_bfloat16(False) else ["float32"]
+    assert sorted(seconds) == sorted(f"{c}/{p}" for c in ("graph", "xla") for p in precisions)
+    assert all(value > 0 for value in seconds.values())
+    float32 = min((name for name in seconds if name.endswith("/float32")), key=seconds.get)
+    best = min(seconds, key=seconds.get)
+    expected = best if seconds[float32] >= BFLOAT16_MIN_GAIN * seconds[best] else float32
+    assert f"{choice['compile']}/{choice['precision']}" == expected
+    assert choice["reason"].startswith(f"the fastest of {len(seconds)} timed")
+    # The trials leave the seeded initial weights alone.
+    fresh = build_model(PRESETS["tiny"], seed=0).get_weights()
+    names = sorted(k for k in ranks[0] if k.startswith("w"))
+    assert len(names) == len(fresh)
+    for name, weight in zip(names, fresh, strict=True):
+        np.testing.assert_array_equal(ranks[0][name], weight, err_msg=name)
 
 
 @pytest.mark.slow

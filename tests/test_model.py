@@ -16,7 +16,7 @@ from rainforest.model_config import (
     multiply_adds_per_sample,
     receptive_field,
 )
-from rainforest.network import build_model
+from rainforest.network import LAYOUTS, build_model
 
 CONFIGS = {
     "tiny": PRESETS["tiny"],
@@ -33,10 +33,11 @@ def _logits(model, codes, labels=None):
     return model(codes).numpy()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_output_at_t_ignores_inputs_after_t(name):
+def test_output_at_t_ignores_inputs_after_t(name, layout):
     config = CONFIGS[name]
-    model = build_model(config, seed=1)
+    model = build_model(config, seed=1, layout=layout)
     rf = receptive_field(config)
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 256, size=(2, rf - 1 + 40)).astype(np.int32)
@@ -51,10 +52,11 @@ def test_output_at_t_ignores_inputs_after_t(name):
         assert np.abs(after[:, unaffected] - before[:, unaffected]).max() > 1e-4
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_receptive_field_formula_equals_the_empirical_one(name):
+def test_receptive_field_formula_equals_the_empirical_one(name, layout):
     config = CONFIGS[name]
-    model = build_model(config, seed=2)
+    model = build_model(config, seed=2, layout=layout)
     rf = receptive_field(config)
     extra = 5
     codes = np.random.default_rng(1).integers(0, 256, size=(1, rf - 1 + extra + 3))
@@ -68,6 +70,31 @@ def test_receptive_field_formula_equals_the_empirical_one(name):
     seen = np.flatnonzero(influences)
     assert seen.size == rf
     assert seen[0] == codes.shape[1] - rf and seen[-1] == codes.shape[1] - 1
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_both_layouts_give_the_same_logits_and_gradients(name):
+    import tensorflow as tf
+
+    config = CONFIGS[name]
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 256, (2, receptive_field(config) + 20)).astype(np.int32)
+    labels = np.array([0, 2], np.int32) if config.conditioned else None
+    results = {}
+    for layout in LAYOUTS:
+        model = build_model(config, seed=5, layout=layout)
+        with tf.GradientTape() as tape:
+            logits = model(codes, labels) if config.conditioned else model(codes)
+            loss = tf.reduce_sum(tf.square(logits))
+        gradients = tape.gradient(loss, [v.value for v in model.trainable_variables])
+        results[layout] = (logits.numpy(), [tf.convert_to_tensor(g).numpy() for g in gradients])
+    (logits, gradients), (other_logits, other_gradients) = results.values()
+    assert logits.shape == (2, 21, config.classes)
+    np.testing.assert_allclose(other_logits, logits, rtol=1e-5, atol=1e-5)
+    for gradient, other in zip(gradients, other_gradients, strict=True):
+        scale = float(np.abs(gradient).max())
+        assert scale > 0
+        np.testing.assert_allclose(other, gradient, rtol=0, atol=1e-5 * scale)
 
 
 def test_presets_are_as_documented():

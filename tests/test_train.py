@@ -205,6 +205,12 @@ def test_resume_equals_an_uninterrupted_run(periodic_dataset, tmp_path):
     _train(periodic_dataset, split, "--steps", "8", *common)
     resumed = _train(periodic_dataset, split, "--steps", "16", "--resume", *common)
     assert "resuming" in resumed.stdout
+    # The resume keeps the training step the run was started with (chosen for 8 steps).
+    choices = [checkpoint.read_config(checkpoint.latest(str(run)))["data"]["step_choice"]
+               for run in (whole, split)]
+    assert [c["reason"].split(" are too few")[0] for c in choices] == ["16 step(s)", "8 step(s)"]
+    assert [(c["compile"], c["precision"]) for c in choices] == [("graph", "float32")] * 2
+    assert "training step:" not in resumed.stdout
     a = checkpoint_weights(checkpoint.latest(str(whole)))
     b = checkpoint_weights(checkpoint.latest(str(split)))
     assert a.keys() == b.keys() and len(a) > 20

@@ -64,6 +64,7 @@ def runs(periodic_dataset, tmp_path_factory):
         assert config["step"] == STEPS
         out[name] = {"rows": rows, "losses": [r["loss_bits"] for r in rows], "run": run,
                      "train": config["train"], "stderr": stderr_by_run[index],
+                     "choice": config["data"]["step_choice"],
                      "stdout": (root / f"run-{index}.stdout").read_text()}
     return out
 
@@ -76,7 +77,18 @@ def test_every_option_is_recorded_in_the_checkpoint(runs):
     assert runs["bfloat16"]["train"]["precision"] == "mixed_bfloat16"
     assert runs["clip"]["train"]["clip_norm"] == TINY_CLIP
     assert runs["reference"]["train"]["validation_windows"] == VAL_WINDOWS
-    assert "; eager; new run" in runs["eager"]["stdout"]
+    assert "; eager, float32; new run" in runs["eager"]["stdout"]
+
+
+def test_auto_compile_and_precision_of_a_short_run_take_the_rule_and_say_why(runs):
+    # 3 steps are too few to time candidates: graph mode, float32 on a CPU, with the reason
+    # in the checkpoint and the log.
+    choice = runs["reference"]["choice"]
+    assert (choice["compile"], choice["precision"]) == ("graph", "float32")
+    assert choice["reason"].startswith(f"{STEPS} step(s) are too few to repay timing")
+    assert choice["seconds"] == {}
+    assert f"training step: graph, float32: {choice['reason']}" in runs["reference"]["stdout"]
+    assert runs["xla"]["choice"]["precision"] == "float32"
 
 
 def test_compile_eager_and_xla_train_like_graph(runs):
