@@ -96,8 +96,10 @@ def test_auto_step_choice_times_every_candidate_and_both_ranks_choose_the_fastes
     choices = [json.loads(str(rank["choice"])) for rank in ranks]
     assert choices[0] == choices[1]  # the slowest rank's times, so one choice
     choice, seconds = choices[0], choices[0]["seconds"]
-    precisions = ["float32", "mixed_bfloat16"] if native_bfloat16(False) else ["float32"]
-    assert sorted(seconds) == sorted(f"{c}/{p}" for c in ("graph", "xla") for p in precisions)
+    expected = ["graph/float32", "xla/float32"]
+    if native_bfloat16(False):
+        expected.append("graph/mixed_bfloat16")  # XLA in bfloat16 is slow on a CPU
+    assert sorted(seconds) == sorted(expected)
     assert all(value > 0 for value in seconds.values())
     float32 = min((name for name in seconds if name.endswith("/float32")), key=seconds.get)
     best = min(seconds, key=seconds.get)
