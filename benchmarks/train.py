@@ -7,7 +7,7 @@ Each round measures, side by side so that machine noise hits all alike:
                measured by ``machine.py`` with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset;
 * graph / xla: one rank (``rainforest.train.Trainer``) in a fresh process, with
   ``tf.function`` and ``tf.function(jit_compile=True)`` (each with its own network layout,
-  ``rainforest.train.LAYOUT_OF_COMPILE``), in float32 and (``+bf16``) with
+  ``rainforest.train.network_layout``), in float32 and (``+bf16``) with
   ``--precision mixed_bfloat16`` (bfloat16 compute, float32 weights); the default,
   ``--compile auto --precision auto``, picks among these with ``step_choice.fastest``;
 * keras:       the straightforward Keras WaveNet a user would otherwise write (causal

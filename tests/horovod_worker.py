@@ -10,7 +10,8 @@ the step's loss and gradient norm, both taken after the allreduce, so the test c
 averaged gradient and metric themselves, not only their effect on the weights through Adam.
 MODE ``choice``: `--compile auto --precision auto` timed on every rank (a run long enough to
 time the candidates); it saves the choice (JSON) and the weights of the Trainer built after it,
-before any step.
+before any step. MODE ``cores``: one rank, 3 float32 graph steps on fixed random windows with
+however many cores the process may use.
 Each rank saves to ``OUT_DIR/rank-R.npz``.
 """
 
@@ -52,6 +53,14 @@ def main(mode: str, out: str) -> None:
         mine = np.array_split(windows.astype(np.uint8), size)[rank]
         loss, norm, _ = trainer.train_step(mine, np.zeros(mine.shape[0], np.int32), 0)
         extra = {"loss": loss, "grad_norm": norm}
+    elif mode == "cores":
+        config = TrainConfig(seed=0, batch_size=2, target_length=TARGET, warmup_steps=0,
+                             compile="graph", precision="float32")
+        trainer = Trainer(model_config, config, hvd)
+        rng = np.random.default_rng(7)
+        for step in range(3):
+            windows = rng.integers(0, 256, (2, window)).astype(np.uint8)
+            trainer.train_step(windows, np.zeros(2, np.int32), step)
     elif mode == "choice":
         from rainforest.step_choice import MEASURE_FROM_STEPS, choose
 

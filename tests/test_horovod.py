@@ -87,8 +87,35 @@ def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(launcher, tmp_path, one
     assert moved > 20
 
 
-def test_auto_step_choice_times_every_candidate_and_both_ranks_choose_the_fastest(tmp_path):
+def test_float32_graph_training_gives_the_same_bits_on_one_core_and_on_two(tmp_path):
+    # What lets ranks on nodes with other core counts match ranks on one host exactly.
+    assert len(os.sched_getaffinity(0)) >= 2, "this test needs 2 cores"
+    weights = []
+    for cores in (1, 2):
+        out = tmp_path / f"cores-{cores}"
+        out.mkdir()
+        subprocess.run([sys.executable, WORKER, "cores", out], env=rank_env(), check=True,
+                       capture_output=True, timeout=600,
+                       preexec_fn=lambda n=cores: os.sched_setaffinity(0, set(
+                           sorted(os.sched_getaffinity(0))[:n])))
+        with np.load(out / "rank-0.npz", allow_pickle=False) as data:
+            weights.append({k: data[k] for k in data.files if k.startswith("w")})
+    assert len(weights[0]) > 20
+    moved = build_untrained_weights()
+    for name, value in weights[0].items():
+        np.testing.assert_array_equal(weights[1][name], value, err_msg=name)
+    assert sum(not np.array_equal(value, moved[name]) for name, value in weights[0].items()) \
+        > len(moved) // 2
+
+
+def build_untrained_weights() -> dict[str, np.ndarray]:
     from rainforest.network import build_model
+
+    fresh = build_model(PRESETS["tiny"], seed=0).get_weights()
+    return {f"w{i:03d}": w for i, w in enumerate(fresh)}
+
+
+def test_auto_step_choice_times_every_candidate_and_both_ranks_choose_the_fastest(tmp_path):
     from rainforest.step_choice import BFLOAT16_MIN_GAIN, native_bfloat16
 
     ranks = _worker("horovodrun-gloo", "choice", tmp_path / "out")
@@ -107,10 +134,9 @@ def test_auto_step_choice_times_every_candidate_and_both_ranks_choose_the_fastes
     assert f"{choice['compile']}/{choice['precision']}" == expected
     assert choice["reason"].startswith(f"the fastest of {len(seconds)} timed")
     # The trials leave the seeded initial weights alone.
-    fresh = build_model(PRESETS["tiny"], seed=0).get_weights()
-    names = sorted(k for k in ranks[0] if k.startswith("w"))
-    assert len(names) == len(fresh)
-    for name, weight in zip(names, fresh, strict=True):
+    fresh = build_untrained_weights()
+    assert sorted(k for k in ranks[0] if k.startswith("w")) == sorted(fresh)
+    for name, weight in fresh.items():
         np.testing.assert_array_equal(ranks[0][name], weight, err_msg=name)
 
 
