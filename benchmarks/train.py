@@ -179,7 +179,7 @@ def main() -> None:
 
 
 def _targets(results, peak, flops_per_sample, cores) -> None:
-    from rainforest.step_choice import fastest, native_bfloat16
+    from rainforest.step_choice import candidates, fastest
 
     def verdict(ok):
         return "met" if ok else "MISSED"
@@ -197,9 +197,9 @@ def _targets(results, peak, flops_per_sample, cores) -> None:
     keras_ratio = median[float32] / median["keras x1"]
     print(f"best float32 / straightforward Keras: {keras_ratio:.2f}x (target >= 2x: "
           f"{verdict(keras_ratio >= 2)})")
-    timed = {"graph/float32": "graph x1", "xla/float32": "xla x1"}
-    if native_bfloat16(gpu=False):  # as --precision auto: bfloat16 only where it is native
-        timed.update({"graph/mixed_bfloat16": "graph+bf16 x1", "xla/mixed_bfloat16": "xla+bf16 x1"})
+    # The candidates --compile auto --precision auto would time here, by their variant names.
+    timed = {f"{c}/{p}": f"{c}{'+bf16' if p == 'mixed_bfloat16' else ''} x1"
+             for c, p in candidates("auto", "auto", gpu=False)}
     choice = fastest({name: 1 / median[variant] for name, variant in timed.items()})
     default = median[timed["/".join(choice)]]
     print(f"default (--compile auto --precision auto, on these medians): {', '.join(choice)}: "

@@ -32,8 +32,8 @@ def add_weights(layer: keras.layers.Layer, entries) -> None:
 #: output reach the skip sum; XLA fuses those slices into the products. ``"causal"``: each
 #: block keeps its length (zeros before the start, as a causal convolution), no large
 #: activation is sliced, and the skip sum is cropped once; without XLA every slice of a large
-#: activation costs about as much as a product, so graph mode runs this one. Both compute the
-#: same logits from the same weights.
+#: activation costs about as much as a product. Both compute the same logits from the same
+#: weights; which step runs which is ``rainforest.train.network_layout``'s choice.
 LAYOUTS = ("sliced", "causal")
 
 

@@ -103,10 +103,11 @@ def fastest(seconds: dict[str, float]) -> tuple[str, str]:
 
     float32 = best([name for name in seconds if not name.endswith("bfloat16")])
     bfloat16 = best([name for name in seconds if name.endswith("bfloat16")])
+    chosen = float32
     if float32 is None or (bfloat16 is not None
                            and seconds[float32] >= BFLOAT16_MIN_GAIN * seconds[bfloat16]):
-        float32 = bfloat16
-    compile_mode, precision = float32.split("/")
+        chosen = bfloat16
+    compile_mode, precision = chosen.split("/")
     return compile_mode, precision
 
 
