@@ -10,7 +10,12 @@ The study the project this replaces reported (43% parallel efficiency at 8 threa
   shards and manifest. Rounds are interleaved and medians reported;
 * parallel efficiency ``E(W) = T(1) / (W * T(W))``;
 * Dask's per-task overhead, measured on the same cluster (no-op tasks submitted at once), and
-  the measured per-song cost, feed a model that projects efficiency to 8, 64 and 512 workers.
+  the measured per-song cost, feed a model that projects efficiency to 8, 64 and 512 workers;
+* where the 1 -> 2 worker loss goes, from the scheduler's task stream of every timed run on all
+  songs: ``T(2) - T(1) / 2`` splits exactly into the serial part (wall time outside the span of
+  tasks: preflight, plan, manifest), slower tasks (the summed task compute time grows when two
+  workers share the machine), the tail (workers idle at the end, waiting for the last task:
+  imbalance) and gaps between a worker's tasks (scheduling, transfers, deserialisation).
 
 The model is ``rainforest.plan``'s (its docstring and the README's "Planning a run" state it):
 for N songs in S = ceil(N / k) shards of k on W workers,
@@ -42,17 +47,33 @@ WORKERS = (1, 2)
 PROJECTED_WORKERS = (8, 64, 512)
 
 
-def timed_run(paths, address: str, songs_per_shard: int) -> float:
+def timed_run(paths, address: str, songs_per_shard: int) -> tuple[float, float]:
+    """A whole preprocessing run into a fresh folder; its start and end, in ``time.time()``
+    (the task stream's clock)."""
     from rainforest.preprocess import preprocess
 
     out = tempfile.mkdtemp(prefix="rainforest-scaling-")
     try:
-        started = time.perf_counter()
+        started = time.time()
         preprocess([str(p) for p in paths], out, cluster=address,
                    songs_per_shard=songs_per_shard, progress=False, log=lambda line: None)
-        return time.perf_counter() - started
+        return started, time.time()
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def time_split(started: float, ended: float, records: list[dict]) -> dict[str, float]:
+    """A run's wall time as serial + (busy + tail + gaps) / W, from its task stream."""
+    computes = [(record["worker"], part["start"], part["stop"]) for record in records
+                for part in record["startstops"] if part["action"] == "compute"]
+    first, last = min(c[1] for c in computes), max(c[2] for c in computes)
+    workers = {c[0] for c in computes}
+    busy = sum(stop - start for _, start, stop in computes)
+    # Idle at the end: each worker from its own last task to the run's last task.
+    tail = sum(last - max(c[2] for c in computes if c[0] == worker) for worker in workers)
+    return {"wall": ended - started, "serial": (ended - started) - (last - first),
+            "busy": busy, "tail": tail, "gaps": len(workers) * (last - first) - busy - tail,
+            "workers": len(workers), "tasks": len(computes)}
 
 
 def project(*, songs: int, workers: int, per_song: float, overhead: float, fixed: float,
@@ -91,12 +112,18 @@ def main() -> None:
     try:
         for w in WORKERS:  # warm-up: Numba compiles (or loads its cache) in every worker
             timed_run(paths[:w * 2], clusters[w].scheduler_address, args.songs_per_shard)
+            clients[w].get_task_stream(count=1)  # starts the scheduler's task-stream plugin
         times: dict[tuple[int, int], list[float]] = {(w, n): [] for w in WORKERS for n in counts}
+        splits: dict[int, list[dict]] = {w: [] for w in WORKERS}
         for round_index in range(args.rounds):
             for n in counts:
                 for w in WORKERS:
-                    times[w, n].append(timed_run(paths[:n], clusters[w].scheduler_address,
-                                                 args.songs_per_shard))
+                    started, ended = timed_run(paths[:n], clusters[w].scheduler_address,
+                                               args.songs_per_shard)
+                    times[w, n].append(ended - started)
+                    if n == counts[-1]:
+                        records = clients[w].get_task_stream(start=started, stop=ended)
+                        splits[w].append(time_split(started, ended, records))
             print(f"round {round_index + 1}/{args.rounds} done", flush=True)
         overhead = float(np.median([task_overhead(clients[2]) for _ in range(3)]))
     finally:
@@ -106,6 +133,28 @@ def main() -> None:
             cluster.close()
     median = {key: float(np.median(values)) for key, values in times.items()}
     report(median, times, counts, paths, overhead, args)
+    report_loss(splits, counts[-1])
+
+
+def report_loss(splits: dict[int, list[dict]], songs: int) -> None:
+    """Where T(2) - T(1)/2 goes, from the means over rounds (means add up; medians need not)."""
+    mean = {w: {key: float(np.mean([s[key] for s in runs])) for key in runs[0]}
+            for w, runs in splits.items()}
+    one, two = mean[1], mean[2]
+    parts = {"serial part (outside the tasks' span)": two["serial"] - one["serial"] / 2,
+             "slower tasks (summed compute time, 2 workers against 1)":
+                 (two["busy"] - one["busy"]) / 2,
+             "tail (a worker idle while the other finishes)": (two["tail"] - one["tail"]) / 2,
+             "gaps between a worker's tasks": (two["gaps"] - one["gaps"]) / 2}
+    loss = two["wall"] - one["wall"] / 2
+    print(f"\nwhere the 1 -> 2 worker loss goes, {songs} songs, means of {len(splits[1])} "
+          f"round(s): T(1) = {one['wall']:.2f} s ({one['tasks']:.0f} tasks, serial "
+          f"{one['serial']:.2f} s, compute {one['busy']:.2f} s, gaps {one['gaps']:.2f} s), "
+          f"T(2) = {two['wall']:.2f} s; lost T(2) - T(1)/2 = {loss:.3f} s "
+          f"(efficiency {one['wall'] / (2 * two['wall']):.1%})")
+    for name, seconds in parts.items():
+        print(f"  {name:<58} {seconds:+.3f} s  (efficiency without it "
+              f"{one['wall'] / (2 * (two['wall'] - seconds)):.1%})")
 
 
 def report(median, times, counts, paths, overhead, args) -> None:

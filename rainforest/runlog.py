@@ -1,6 +1,7 @@
 """What a training run shows and leaves behind besides checkpoints; rank 0 only.
 
-``RUN/metrics.jsonl`` (one JSON line per logged step), TensorBoard scalars in
+``RUN/metrics.jsonl`` (one JSON line per logged step, with its wall-clock ``time`` in Unix
+seconds, so bits can be drawn against time as well as steps), TensorBoard scalars in
 ``RUN/tensorboard``, ``RUN/curves.png`` (bits per sample against the unigram line) and a
 progress bar.
 
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 from rainforest import storage
@@ -64,7 +66,8 @@ class RankZeroLog:
             for name, value in scalars.items():
                 if value is not None:
                     tf.summary.scalar(name, value)
-        line = {"step": step, **{k: float(v) for k, v in scalars.items() if v is not None}}
+        line = {"step": step, "time": round(time.time(), 3),
+                **{k: float(v) for k, v in scalars.items() if v is not None}}
         with open(os.path.join(self.run, METRICS_NAME), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
         if self._bar is not None:

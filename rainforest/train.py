@@ -42,6 +42,9 @@ from rainforest.watchdog import arm_watchdog
 COMPILE_MODES = ("auto", "eager", "graph", "xla")
 #: `train --precision`: the Keras dtype policy of the compute (weights stay float32).
 TRAINING_PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+LR_SCHEDULES = ("constant", "cosine")
+#: Where ``--lr-schedule cosine`` ends, as a share of the rate after the warm-up.
+COSINE_FLOOR = 0.1
 
 
 def network_layout(compile_mode: str, precision: str) -> str:
@@ -70,6 +73,11 @@ class TrainConfig(Config):
     learning_rate: float = setting(1e-3, "Adam learning rate of one rank; scaled by the number "
                                    "of ranks after the warm-up", flag="--lr")
     warmup_steps: int = setting(100, "steps of linear learning-rate warm-up")
+    lr_schedule: str = setting("constant", "the learning rate after the warm-up: constant, or "
+                               f"cosine: down to {COSINE_FLOOR:g} of it at --steps (so --steps "
+                               "sets the decay; a resume that raises --steps reshapes the rest "
+                               "of it)",
+                               choices=LR_SCHEDULES)
     clip_norm: float = setting(1.0, "clip gradients to this global norm (after averaging "
                                "across ranks)")
     validation_fraction: float = setting(0.1, "share of songs held out for validation, by song "
@@ -137,9 +145,25 @@ RESUME_MAY_CHANGE = ("steps", "verify_shards", "sample_every", "sample_seconds",
 
 
 def learning_rate_at(step: int, config: TrainConfig, size: int) -> float:
-    """Linear warm-up from the one-rank rate to ``size`` times it, then constant."""
+    """Linear warm-up from the one-rank rate to ``size`` times it; then constant, or with
+    ``lr_schedule="cosine"`` half a cosine from there down to :data:`COSINE_FLOOR` of it at
+    the run's last step (``step`` counts from 0).
+
+    Examples
+    --------
+    >>> config = TrainConfig(steps=1101, warmup_steps=100, lr_schedule="cosine")
+    >>> [round(learning_rate_at(step, config, 2) / config.learning_rate, 3)
+    ...  for step in (0, 50, 100, 600, 1100)]
+    [1.0, 1.5, 2.0, 1.1, 0.2]
+    """
     ramp = 1.0 if config.warmup_steps == 0 else min(1.0, step / config.warmup_steps)
-    return config.learning_rate * (1.0 + (size - 1) * ramp)
+    rate = config.learning_rate * (1.0 + (size - 1) * ramp)
+    decaying = config.steps - 1 - config.warmup_steps  # the last step runs at the floor
+    if config.lr_schedule == "constant" or step <= config.warmup_steps or decaying <= 0:
+        return rate
+    progress = min(1.0, (step - config.warmup_steps) / decaying)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate * (COSINE_FLOOR + (1.0 - COSINE_FLOOR) * cosine)
 
 
 def split_window(windows, receptive):

@@ -130,8 +130,10 @@ def _metrics(run) -> list[dict]:
 @pytest.mark.slow
 def test_learns_periodic_songs_far_below_unigram(periodic_dataset, tmp_path):
     run = tmp_path / "run"
+    started = time.time()
     result = _train(periodic_dataset, run, "--steps", "200", "--val-every", "50",
                     "--checkpoint-every", "100")
+    ended = time.time()
     held = [m for m in _metrics(run) if "validation_bits" in m]
     assert [m["step"] for m in held] == [50, 100, 150, 200]
     final = held[-1]
@@ -144,6 +146,9 @@ def test_learns_periodic_songs_far_below_unigram(periodic_dataset, tmp_path):
     names = {k for m in _metrics(run) for k in m}
     assert {"loss_bits", "learning_rate", "samples_per_second",
             "samples_per_second_per_rank", "grad_norm"} <= names
+    # Each line's wall-clock time: within the command's, in step order.
+    times = [m["time"] for m in _metrics(run)]
+    assert started < times[0] and times[-1] < ended and times == sorted(times)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Training options that had never been run: --compile, --precision, --clip-norm, --val-windows.
+"""Training options that had never been run: --compile, --precision, --clip-norm, --val-windows,
+--lr-schedule.
 
 Every run trains the same tiny model from the same seed on the same data for 3 steps, and
 differs from the reference run in one option only. The runs share one Python process
@@ -8,6 +9,7 @@ differs from the reference run in one option only. The runs share one Python pro
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +36,7 @@ RUNS = {
     "bfloat16": ["--precision", "mixed_bfloat16"],
     "eager": ["--compile", "eager"],
     "clip": ["--clip-norm", str(TINY_CLIP)],
+    "cosine": ["--lr-schedule", "cosine", "--warmup-steps", "0"],
     "xla": ["--compile", "xla"],  # last: TensorFlow logs its XLA line once per process
 }
 
@@ -183,6 +186,18 @@ def test_clip_norm_clips_the_update_and_logs_the_norm_before_clipping(runs):
     moved = _dense_update(runs["reference"]["run"], 1)
     assert moved > 1e-4
     assert _dense_update(runs["clip"]["run"], 1) < moved / 10
+
+
+def test_lr_schedule_cosine_decays_from_the_rate_to_a_tenth_at_the_last_step(runs):
+    rate = float(TINY_TRAINING[TINY_TRAINING.index("--lr") + 1])
+    # metrics.jsonl logs, for step s, the rate of update s - 1 (counted from 0).
+    expected = [rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / (STEPS - 1))))
+                for s in range(STEPS)]
+    assert [r["learning_rate"] for r in runs["cosine"]["rows"]] == pytest.approx(expected)
+    assert expected[-1] == pytest.approx(rate / 10)
+    assert runs["cosine"]["train"]["lr_schedule"] == "cosine"
+    assert runs["reference"]["train"]["lr_schedule"] == "constant"
+    assert [r["learning_rate"] for r in runs["reference"]["rows"]] == pytest.approx([rate] * STEPS)
 
 
 def test_val_windows_sets_the_number_of_held_out_windows(runs, periodic_dataset):
