@@ -4,9 +4,9 @@ Usage: python benchmarks/quality.py [--minutes 20] [--ranks 2] [--variant NAME="
 
 The songs are the demo's: Debian's ``wesnoth-1.16-music`` (41 Ogg tracks, GPL-2+), fetched
 and preprocessed once into the cache (``$RAINFOREST_CACHE`` or ``~/.cache/rainforest``,
-``quality/dataset``). Each variant trains the default config from scratch with ``horovodrun
+``quality/PACKAGE-dataset``). Each variant trains the default config from scratch with ``horovodrun
 --gloo`` on localhost (``--ranks`` ranks share the cores, as in ``scripts/demo.sh``) under
-``--time-limit``; the usual song hash holds out 4 of the 41 songs (``--val-fraction 0.1``).
+``--time-limit``; the usual song hash (the default ``--val-fraction``) holds out 4 of the 41.
 Variants run one after another in this process tree, so each has the machine to itself.
 
 The clock starts when ``horovodrun`` is launched, so Python and TensorFlow start-up, the
@@ -73,8 +73,8 @@ def train_variant(dataset: str, run: str, options: list[str], args) -> dict:
     command = [horovodrun, "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", "--gloo",
                sys.executable, "-m", "rainforest.cli", "train", dataset, "--run", run,
                "--steps", str(UNBOUNDED_STEPS), "--time-limit", str(args.minutes),
-               "--val-every", str(args.val_every), "--val-fraction", "0.1",
-               "--checkpoint-every", str(UNBOUNDED_STEPS), "--no-progress", *options]
+               "--val-every", str(args.val_every), "--checkpoint-every", str(UNBOUNDED_STEPS),
+               "--no-progress", *options]
     launched = time.time()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
