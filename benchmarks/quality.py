@@ -30,6 +30,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ import time
 from machine import describe
 
 from rainforest import checkpoint, runlog
+from rainforest.hosts import local_gloo_launcher
 from rainforest.plots import png_figure
 from rainforest.preprocess import preprocess
 from rainforest.samples import DEFAULT_PACKAGE, debian_music
@@ -69,9 +71,10 @@ def train_variant(dataset: str, run: str, options: list[str], args) -> dict:
     """One run from scratch under the time limit; its held-out curve against launch time."""
     if os.path.exists(run):
         shutil.rmtree(run)
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", "--gloo",
-               sys.executable, "-m", "rainforest.cli", "train", dataset, "--run", run,
+    launcher = local_gloo_launcher(args.ranks)
+    if not launcher:
+        raise SystemExit("horovodrun is not installed; run scripts/install.sh")
+    command = [*launcher, sys.executable, "-m", "rainforest.cli", "train", dataset, "--run", run,
                "--steps", str(UNBOUNDED_STEPS), "--time-limit", str(args.minutes),
                "--val-every", str(args.val_every), "--checkpoint-every", str(UNBOUNDED_STEPS),
                "--no-progress", *options]
@@ -87,15 +90,14 @@ def train_variant(dataset: str, run: str, options: list[str], args) -> dict:
     rates = [row["samples_per_second"] for row in rows if "samples_per_second" in row]
     data = checkpoint.read_config(checkpoint.latest(run))["data"]
     return {"options": options, "held_out": held, "steps": rows[-1]["step"],
-            "samples_per_second": sorted(rates)[len(rates) // 2] if rates else None,
+            "samples_per_second": statistics.median(rates) if rates else None,
             "step_choice": data.get("step_choice"),
             "first_step_minutes": (rows[0]["time"] - launched) / 60}
 
 
-def bits_at(held: list[dict], minutes: float) -> dict | None:
-    """The last held-out measurement at or before ``minutes`` after launch."""
-    before = [point for point in held if point["minutes"] <= minutes]
-    return before[-1] if before else None
+def measured_by(held: list[dict], minutes: float) -> list[dict]:
+    """The held-out measurements taken at or before ``minutes`` after launch."""
+    return [point for point in held if point["minutes"] <= minutes]
 
 
 def plot(results: dict[str, dict], path: str, minutes: float) -> None:
@@ -122,14 +124,14 @@ def report(name: str, result: dict, minutes: float) -> None:
           f" first step at {result['first_step_minutes']:.2f} min; {result['steps']} steps, "
           f"median {result['samples_per_second'] or float('nan'):,.0f} samples/s")
     for quarter in (0.25, 0.5, 0.75, 1.0):
-        point = bits_at(result["held_out"], quarter * minutes)
-        if point:
-            print(f"  at {quarter * minutes:5.1f} min: {point['bits']:.3f} bits "
-                  f"(step {point['step']}, measured at {point['minutes']:.2f} min)")
-    final = bits_at(result["held_out"], minutes)
-    if final:
+        before = measured_by(result["held_out"], quarter * minutes)
+        if before:
+            print(f"  at {quarter * minutes:5.1f} min: {before[-1]['bits']:.3f} bits "
+                  f"(step {before[-1]['step']}, measured at {before[-1]['minutes']:.2f} min)")
+    if before:  # the whole budget's measurements, from the last quarter
+        final = before[-1]
         verdict = "met" if final["bits"] <= TARGET_BITS else "MISSED"
-        last = [p["bits"] for p in result["held_out"] if p["minutes"] <= minutes][-SMOOTHED:]
+        last = [point["bits"] for point in before[-SMOOTHED:]]
         print(f"  target <= {TARGET_BITS:g} bits in {minutes:g} min: {final['bits']:.3f}: "
               f"{verdict} (mean of the last {len(last)} measurements {sum(last) / len(last):.3f})")
 

@@ -238,11 +238,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
     """Train on the demo dataset with horovodrun over Gloo on localhost, as a user would."""
-    import os
-    import shutil
     import subprocess
 
     from rainforest import checkpoint
+    from rainforest.hosts import local_gloo_launcher
 
     command = [sys.executable, "-m", "rainforest.cli", "train", dataset, "--run", run,
                "--config", args.train_config, "--steps", str(args.train_steps),
@@ -258,13 +257,10 @@ def _demo_train(dataset: str, run: str, args: argparse.Namespace) -> None:
             return
         command.append("--resume")
     if args.ranks > 1:
-        # Prefer the horovodrun beside this Python (the venv), then any on PATH.
-        beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-        horovodrun = beside if os.path.exists(beside) else shutil.which("horovodrun")
-        if horovodrun is None:
+        launcher = local_gloo_launcher(args.ranks)
+        if not launcher:
             raise RainforestError("horovodrun is not installed; run scripts/install.sh")
-        command = [horovodrun, "-np", str(args.ranks), "-H", f"localhost:{args.ranks}",
-                   "--gloo", *command]
+        command = [*launcher, *command]
     print(f"\ntraining: {' '.join(command)}", flush=True)
     if subprocess.run(command, check=False).returncode != 0:
         raise RainforestError(f"training failed; see the messages above (run folder {run})")

@@ -21,6 +21,19 @@ FORMATS = ("horovod", "lines", "hostfile")
 EXCLUDE_VARIABLE = "SLURM_DISCOVER_EXCLUDE"
 
 
+def local_gloo_launcher(ranks: int) -> list[str]:
+    """``horovodrun`` for ``ranks`` ranks over Gloo on this host, or ``[]`` when absent.
+
+    The ``horovodrun`` beside this Python (the venv) comes first, then any on ``PATH``.
+    """
+    import shutil
+    import sys
+
+    beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    found = beside if os.path.exists(beside) else shutil.which("horovodrun")
+    return [found, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo"] if found else []
+
+
 def render(hosts: Sequence[str], slots: int, form: str) -> str:
     """``hosts`` with ``slots`` ranks each, as ``form`` (one of :data:`FORMATS`) wants them."""
     if form == "hostfile":

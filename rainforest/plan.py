@@ -277,11 +277,9 @@ def _launcher() -> list[str]:
 
     Its start-up (and Gloo's rendezvous) is part of every real training command's cost.
     """
-    import shutil
+    from rainforest.hosts import local_gloo_launcher
 
-    beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    found = beside if os.path.exists(beside) else shutil.which("horovodrun")
-    return [found, "-np", "1", "-H", "localhost:1", "--gloo"] if found else []
+    return local_gloo_launcher(1)
 
 
 def _timed_command(arguments: list[str], *, one_core: bool = False,
