@@ -105,3 +105,34 @@ def describe() -> str:
     peak = matmul_peak()
     return (f"CPU: {cpu_model()}\nBLAS: {peak['library']} {peak['architecture']} kernel, "
             f"{peak['threads']} threads (OpenBLAS overrides unset for the peak only)")
+
+
+#: Child environment for :func:`onednn_summary`: oneDNN prints its ISA and, once per primitive
+#: it creates, the implementation chosen, so the timed steps (cached primitives) print nothing.
+ONEDNN_CREATE_VERBOSE = {"ONEDNN_VERBOSE": "profile_create"}
+
+
+def onednn_summary(output: str) -> dict:
+    """The ISA and the implementations per primitive kind in a child's ``ONEDNN_VERBOSE``
+    output (``profile_create`` or ``1``; horovodrun's line prefixes are skipped).
+
+    >>> onednn_summary("onednn_verbose,info,cpu,isa:Intel AVX-512\\n[1,0]<stdout>:onednn_verbose,"
+    ...                "primitive,create:cache_miss,cpu,matmul,brg_matmul:avx512_core,undef,x")
+    {'isa': 'Intel AVX-512', 'implementations': {'matmul': ['brg_matmul:avx512_core']}}
+    """
+    isa, implementations = None, {}
+    for line in output.splitlines():
+        start = line.find("onednn_verbose,")
+        if start < 0:
+            continue
+        fields = line[start:].split(",")
+        if fields[1:3] == ["info", "cpu"] and fields[3].startswith("isa:"):
+            isa = ",".join(fields[3:])[len("isa:"):]
+        elif "primitive" in fields[1:3]:
+            at = fields.index("primitive") + 1
+            if fields[at].startswith(("create", "exec")) and fields[at + 1] == "cpu":
+                kind, implementation = fields[at + 2], fields[at + 3]
+                known = implementations.setdefault(kind, [])
+                if implementation and implementation not in known:
+                    known.append(implementation)
+    return {"isa": isa, "implementations": implementations}

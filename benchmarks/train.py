@@ -34,7 +34,7 @@ import sys
 import time
 
 import numpy as np
-from machine import describe, matmul_gflops
+from machine import ONEDNN_CREATE_VERBOSE, describe, matmul_gflops, onednn_summary
 
 HERE = os.path.abspath(__file__)
 
@@ -67,31 +67,23 @@ def straightforward_keras(model_config, target: int):
     return model, window
 
 
-def _keras_steps(model_config, batch, target, steps, warmup):
-    model, window = straightforward_keras(model_config, target)
-    rng = np.random.default_rng(0)
-    codes = rng.integers(0, 256, (batch, window + 1)).astype(np.int32)
-    inputs, targets = codes[:, :-1], codes[:, -target:]
-    times = []
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        model.train_on_batch(inputs, targets)
-        times.append(time.perf_counter() - start)
-    return times
+def step_function(config_name: str, mode: str, batch: int, target: int):
+    """``(step(i), rank, ranks)``: one training step of ``mode`` on random codes held in memory.
 
-
-def worker(config_name: str, mode: str, batch: int, target: int, steps: int, warmup: int):
-    """Time ``steps`` training steps in this process (one rank of however many Horovod has)."""
+    ``mode`` is ``keras`` (the straightforward Keras WaveNet, ``train_on_batch``) or a
+    rainforest compile mode with ``+bf16`` for ``--precision mixed_bfloat16``; the step's
+    layout is ``rainforest.train.network_layout``'s choice for it.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from rainforest.model_config import PRESETS, receptive_field
     from rainforest.train import TrainConfig, Trainer, init_horovod
 
     model_config = PRESETS[config_name]
     if mode == "keras":
-        times = _keras_steps(model_config, batch, target, steps, warmup)
-        print("RESULT " + json.dumps({"step_seconds": float(np.median(times[warmup:])),
-                                      "ranks": 1}), flush=True)
-        return
+        model, window = straightforward_keras(model_config, target)
+        codes = np.random.default_rng(0).integers(0, 256, (batch, window + 1)).astype(np.int32)
+        inputs, targets = codes[:, :-1], codes[:, -target:]
+        return (lambda step: model.train_on_batch(inputs, targets)), 0, 1
     hvd = init_horovod()
     compile_mode, _, bf16 = mode.partition("+")
     config = TrainConfig(batch_size=batch, target_length=target, compile=compile_mode,
@@ -101,14 +93,21 @@ def worker(config_name: str, mode: str, batch: int, target: int, steps: int, war
     rng = np.random.default_rng(hvd.rank())
     windows = rng.integers(0, 256, (batch, window)).astype(np.uint8)
     labels = np.zeros(batch, np.int32)
+    # train_step returns host floats, so the step is done when it returns
+    return (lambda step: trainer.train_step(windows, labels, step)), hvd.rank(), hvd.size()
+
+
+def worker(config_name: str, mode: str, batch: int, target: int, steps: int, warmup: int):
+    """Time ``steps`` training steps in this process (one rank of however many Horovod has)."""
+    step, rank, ranks = step_function(config_name, mode, batch, target)
     times = []
-    for step in range(warmup + steps):
+    for index in range(warmup + steps):
         start = time.perf_counter()
-        trainer.train_step(windows, labels, step)  # returns host floats: the step is done
+        step(index)
         times.append(time.perf_counter() - start)
-    if hvd.rank() == 0:
+    if rank == 0:
         print("RESULT " + json.dumps({"step_seconds": float(np.median(times[warmup:])),
-                                      "ranks": hvd.size()}), flush=True)
+                                      "ranks": ranks}), flush=True)
 
 
 def run_variant(args, mode: str, ranks: int) -> dict:
@@ -119,10 +118,12 @@ def run_variant(args, mode: str, ranks: int) -> dict:
         horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
         command = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo",
                    *command]
-    output = subprocess.run(command, capture_output=True, text=True, check=False)
+    output = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env={**os.environ, **ONEDNN_CREATE_VERBOSE})
     for line in output.stdout.splitlines():
         if "RESULT " in line:
-            return json.loads(line.split("RESULT ", 1)[1])
+            return {**json.loads(line.split("RESULT ", 1)[1]),
+                    "onednn": onednn_summary(output.stdout)}
     raise RuntimeError(f"{mode} x{ranks} failed:\n{output.stdout[-2000:]}{output.stderr[-3000:]}")
 
 
@@ -155,11 +156,12 @@ def main() -> None:
     variants = [("graph", 1), ("xla", 1), ("graph+bf16", 1), ("xla+bf16", 1), ("keras", 1),
                 ("graph", 2)]
     results: dict[str, list[float]] = {f"{m} x{r}": [] for m, r in variants}
-    peaks = []
+    peaks, onednn = [], {}
     for round_index in range(args.rounds):
         peaks.append(matmul_gflops(tensorflow=True))
         for mode, ranks in variants:
             result = run_variant(args, mode, ranks)
+            onednn[f"{mode} x{ranks}"] = result["onednn"]
             samples = per_step * ranks  # every rank takes the same batch (weak scaling)
             results[f"{mode} x{ranks}"].append(samples / result["step_seconds"])
         peaks.append(matmul_gflops(tensorflow=True))
@@ -175,7 +177,19 @@ def main() -> None:
         gflops = median * flops_per_sample / 1e9
         print(f"{name:<10} {median:10.0f} {min(values):7.0f}..{max(values):<7.0f} "
               f"{gflops:8.1f} {gflops / peak:8.1%}")
+    _print_onednn(onednn)
     _targets(results, peak, flops_per_sample, cores)
+
+
+def _print_onednn(onednn: dict) -> None:
+    """Which oneDNN ISA and kernels each variant ran (XLA's own code runs none)."""
+    isas = {summary["isa"] for summary in onednn.values() if summary["isa"]}
+    print(f"\noneDNN ISA (ONEDNN_VERBOSE): {'; '.join(sorted(isas)) or 'not reported'}")
+    for name, summary in onednn.items():
+        kernels = "; ".join(f"{kind} {', '.join(impls)}" for kind, impls
+                            in sorted(summary["implementations"].items()))
+        kernels = kernels or "no oneDNN primitive (XLA's own code, or _MklMatMul's sgemm call)"
+        print(f"  {name:<14} {kernels}")
 
 
 def _targets(results, peak, flops_per_sample, cores) -> None:

@@ -95,7 +95,7 @@ class TrainConfig(Config):
                            "takes the faster, a shorter one takes graph", choices=COMPILE_MODES)
     precision: str = setting("auto", "compute dtype (weights stay float32); auto: a run of "
                              "300+ steps on a machine with native bfloat16 (GPU, AVX512_BF16, "
-                             "AMX) also times mixed_bfloat16 and takes it when 1.1x faster; "
+                             "AMX) also times mixed_bfloat16 and takes it when faster; "
                              "otherwise bfloat16 on a GPU, float32 on a CPU",
                              choices=TRAINING_PRECISIONS)
     log_every: int = setting(10, "metrics period in steps")
