@@ -61,9 +61,9 @@ def worker(config_name: str, mode: str, target: int, profile: bool) -> None:
     step, _, _ = step_function(config_name, mode, 1, target)
     for index in range(WARMUP):
         step(index)
-    logdir = tempfile.mkdtemp(prefix="train_ops")
+    logdir = tempfile.TemporaryDirectory(prefix="train_ops") if profile else None
     if profile:
-        tf.profiler.experimental.start(logdir)
+        tf.profiler.experimental.start(logdir.name)
     started = time.time() * 1e3  # oneDNN's verbose timestamps are ms since the epoch
     clock = time.perf_counter()
     for index in range(WARMUP, WARMUP + STEPS):
@@ -71,7 +71,10 @@ def worker(config_name: str, mode: str, target: int, profile: bool) -> None:
     wall = (time.perf_counter() - clock) / STEPS
     if profile:
         tf.profiler.experimental.stop()
-    ops = _op_times(logdir) if profile else {}
+    ops = {}
+    if profile:
+        ops = _op_times(logdir.name)
+        logdir.cleanup()
     print("RESULT " + json.dumps({"step_ms": wall * 1e3, "started": started, "ops": ops}),
           flush=True)
 
