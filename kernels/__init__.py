@@ -5,7 +5,7 @@ input and raises :class:`rainforest.errors.ParameterError` naming the offending 
 kernel has a slow numpy twin in ``tests/reference.py``.
 """
 
-from rainforest.kernels.mix import downmix
+from rainforest.kernels.mix import count_non_finite, downmix
 from rainforest.kernels.mulaw import DECODE_TABLE, mulaw_decode, mulaw_encode
 from rainforest.kernels.trim import peak_amplitude, relative_threshold, trim_bounds
 from rainforest.kernels.windows import (
@@ -16,6 +16,7 @@ from rainforest.kernels.windows import (
 
 __all__ = [
     "DECODE_TABLE",
+    "count_non_finite",
     "cut_windows",
     "downmix",
     "mulaw_decode",

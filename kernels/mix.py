@@ -1,9 +1,11 @@
-"""Down-mixing interleaved frames to mono: the mean of all channels, not only the left one."""
+"""Down-mixing interleaved frames to mono: the mean of all channels, not only the left one;
+and counting the samples a decoder left non-finite."""
 
 import numpy as np
 
 from rainforest.errors import ParameterError
 from rainforest.kernels._flags import jit
+from rainforest.kernels._validate import as_1d
 
 
 @jit
@@ -43,3 +45,23 @@ def downmix(frames, *, out=None):
         raise ParameterError(f"out must be float32 of shape ({frames.shape[0]},)")
     _downmix(frames, out)
     return out
+
+
+@jit
+def _count_non_finite(samples):
+    bad = 0
+    for i in range(samples.shape[0]):
+        # NaN fails every comparison, so one test counts NaN and both infinities.
+        bad += not (abs(samples[i]) < np.inf)
+    return bad
+
+
+def count_non_finite(samples):
+    """How many of ``samples`` are NaN or infinite (one pass, no temporary array).
+
+    Examples
+    --------
+    >>> count_non_finite(np.array([0.5, np.nan, -np.inf, 1.0], dtype=np.float32))
+    2
+    """
+    return int(_count_non_finite(as_1d("samples", samples, np.float32)))

@@ -255,7 +255,7 @@ class ShardWriter:
         self._file.write(_npy_header(0))
 
     def append(self, codes: np.ndarray) -> None:
-        self._file.write(codes.tobytes())
+        self._file.write(np.ascontiguousarray(codes, dtype=np.uint8))
         self.samples += codes.shape[0]
 
     def rollback(self, samples: int) -> None:

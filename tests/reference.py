@@ -52,6 +52,12 @@ def downmix(frames):
     return (total * (1.0 / channels)).astype(np.float32)
 
 
+def count_non_finite(samples):
+    """How many samples are NaN or infinite."""
+    samples = np.asarray(samples, dtype=np.float32)
+    return int(np.sum(np.isnan(samples)) + np.sum(np.isinf(samples)))
+
+
 def _abs_amplitudes(codes):
     # decode gives float32; widen before taking |.| so comparisons are made in float64
     return np.abs(mulaw_decode(codes).astype(np.float64))

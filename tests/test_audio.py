@@ -15,6 +15,7 @@ import soundfile
 import soxr
 
 import audiogen
+import reference
 from peak_memory import run_child
 from rainforest.audio import BLOCK_FRAMES, SongDecoder, decode_mono
 from rainforest.config import AudioConfig
@@ -149,6 +150,21 @@ def test_block_size_does_not_change_the_result(tmp_path):
     np.testing.assert_allclose(pieces, whole, atol=1e-6)
 
 
+@pytest.mark.parametrize("ext, rate, channels", [
+    ("wav", 44100, 2), ("flac", 48000, 6), ("ogg", 22050, 1), ("mp3", 44100, 2),
+    ("opus", 48000, 2),
+])
+def test_blocks_hold_exactly_the_frames_soundfile_reads(tmp_path, ext, rate, channels):
+    # SongDecoder calls libsndfile directly instead of soundfile's read: same frames, as many.
+    path = audiogen.write_song(tmp_path / f"song.{ext}", seconds=1.3, rate=rate,
+                               channels=channels)
+    frames = soundfile.read(str(path), dtype="float32", always_2d=True)[0]
+    with SongDecoder(str(path), sample_rate=rate, block_frames=1000) as song:
+        mono = np.concatenate([block.copy() for block in song.blocks()])
+        assert song.decoded_frames == frames.shape[0] > 2 * 1000
+    np.testing.assert_array_equal(mono, reference.downmix(frames))
+
+
 def test_decode_mono_keeps_every_block_without_resampling(tmp_path):
     # 16 kHz in, 16 kHz out: blocks are views of one reused buffer, more than one of them.
     song = audiogen.tone(5.0, TARGET, 2)
@@ -230,6 +246,22 @@ def test_truncated_mp3_decodes_its_first_part_with_a_note(tmp_path, fraction):
             f"({100 * decoded / 88200:.1f}%)"
         )
     assert abs(len(mono) - decoded * TARGET / 44100) <= 1
+
+
+def test_flac_damaged_in_the_middle_keeps_the_audio_before_with_the_decoders_reason(tmp_path):
+    path = audiogen.write_song(tmp_path / "song.flac", seconds=3.0, rate=44100, channels=2)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = bytes(2000)
+    path.write_bytes(bytes(data))
+    with SongDecoder(str(path), sample_rate=TARGET, block_frames=4096) as song:
+        kept = sum(len(block) for block in song.blocks())
+        # Reading through soundfile lost the last good block and reported its own seek
+        # ("Internal psf_fseek() failed.") instead of the decoder's error.
+        assert song.stopped_by == "Error : flac decoder lost sync."
+        assert 0.4 * 44100 * 3 < song.decoded_frames < 0.6 * 44100 * 3
+        assert song.decoded_frames % 4096 == 0  # whole blocks, up to the damaged one
+    assert abs(kept - song.decoded_frames * TARGET / 44100) <= 1
 
 
 def test_mp3_cut_inside_its_first_frames_cannot_be_opened(tmp_path):

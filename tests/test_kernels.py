@@ -293,6 +293,32 @@ def test_downmix_rejects_bad_frames(bad):
         kernels.downmix(bad)
 
 
+# --- non-finite samples --------------------------------------------------------------------------
+
+
+def test_count_non_finite_matches_reference():
+    rng = np.random.default_rng(7)
+    samples = rng.uniform(-2, 2, 70_000).astype(np.float32)
+    special = [np.nan, np.inf, -np.inf, np.float32(3.4e38), np.float32(-3.4e38),
+               np.float32(1e-45), -0.0, np.float32(np.nan) * -1]
+    samples[rng.choice(samples.size, 40, replace=False)] = np.resize(special, 40)
+    expected = reference.count_non_finite(samples)
+    assert expected == 20  # 4 of every 8 specials: NaN, +inf, -inf, -NaN
+    assert kernels.count_non_finite(samples) == expected
+    assert kernels.count_non_finite(samples[:0]) == 0
+
+
+@PROPERTY
+@given(hnp.arrays(np.float32, st.integers(0, 300), elements=st.floats(width=32)))
+def test_count_non_finite_matches_reference_property(samples):
+    assert kernels.count_non_finite(samples) == reference.count_non_finite(samples)
+
+
+def test_count_non_finite_rejects_2d():
+    with pytest.raises(ParameterError):
+        kernels.count_non_finite(np.zeros((2, 2), np.float32))
+
+
 # --- trimming ------------------------------------------------------------------------------------
 
 
@@ -313,6 +339,15 @@ def test_trim_matches_reference(codes, threshold):
     assert kernels.trim_bounds(codes, threshold=threshold) == reference.trim_bounds(
         codes, threshold
     )
+
+
+def test_peak_amplitude_of_every_pair_of_codes_matches_reference():
+    # The kernel reads only the smallest and largest code; every pair checks that shortcut.
+    pairs = np.stack(np.meshgrid(np.arange(256), np.arange(256)), -1).reshape(-1, 2)
+    pairs = np.concatenate([pairs, np.full((len(pairs), 1), 128)], axis=1).astype(np.uint8)
+    assert [kernels.peak_amplitude(p) for p in pairs] == [
+        reference.peak_amplitude(p) for p in pairs
+    ]
 
 
 def test_trim_threshold_equal_to_an_amplitude_counts_as_loud():

@@ -1,13 +1,16 @@
 """Songs longer than one spool chunk: the chunked trim and copy against the reference.
 
-``preprocess`` spools a song's codes to a file and finds the loud range by scanning that file
-in chunks of ``_SPOOL_CHUNK`` codes from each end, then copies the range chunk by chunk.
+``preprocess`` spools a song's codes (in memory up to ``SPOOL_IN_MEMORY`` bytes, then in a
+file) and finds the loud range by scanning the spool in chunks of ``_SPOOL_CHUNK`` codes from
+each end, then copies the range chunk by chunk.
 A 16 kHz chunk is about 4.4 minutes, so most real songs fit in one and never take the
 multi-chunk path. Here 10-minute songs take it with the real chunk size, and short songs
 take it with chunk sizes made tiny (the chunk size is a parameter, not the thing tested).
 """
 
 from __future__ import annotations
+
+import tempfile
 
 import numpy as np
 import pytest
@@ -107,3 +110,24 @@ def test_tiny_chunks_give_the_reference_codes(chunk, short_songs, tmp_path, monk
     gap = next(s for s in data.songs if s.source.endswith("gap.flac"))
     # The premise: the song spans many chunks and its silent middle is wider than a chunk.
     assert gap.length > 4 * chunk and 0.4 * RATE > chunk
+
+
+@pytest.mark.parametrize("limit", [1, 5000])
+def test_songs_past_the_in_memory_limit_spool_to_a_file_with_the_same_codes(
+        limit, short_songs, tmp_path, monkeypatch):
+    sizes_at_rollover = []
+
+    class RecordingSpool(tempfile.SpooledTemporaryFile):
+        def rollover(self):
+            if not self._rolled:
+                sizes_at_rollover.append(self.tell())
+            super().rollover()
+
+    monkeypatch.setattr(chain_module, "SPOOL_IN_MEMORY", limit)
+    monkeypatch.setattr(chain_module.tempfile, "SpooledTemporaryFile", RecordingSpool)
+    monkeypatch.setattr(chain_module, "_SPOOL_CHUNK", 4096)
+    data = _preprocess(short_songs, tmp_path / "dataset")
+    _assert_matches_reference(data, 3)
+    # Every song (over 1 s at 16 kHz) outgrew the limit and moved to a file at its first block
+    # past it.
+    assert len(sizes_at_rollover) == 3 and all(size > limit for size in sizes_at_rollover)

@@ -7,10 +7,13 @@ import pytest
 import soundfile
 
 import audiogen
+import reference
 from conftest import reference_codes
+from rainforest.audio import BLOCK_FRAMES, SongDecoder, encode_song
+from rainforest.config import AudioConfig
 from rainforest.dataset import Dataset
 from rainforest.preprocess import preprocess
-from rainforest.samples import debian_music, mp3_copies
+from rainforest.samples import cache_root, debian_music, mp3_copies
 
 pytestmark = [pytest.mark.music, pytest.mark.slow]
 
@@ -43,3 +46,22 @@ def test_real_songs_match_the_reference(tmp_path):
         assert np.ptp(data.song_codes(song)) > 100
     assert sorted(f["source"] for f in data.failed) == sorted(str(p) for p in silence)
     assert [f["reason"][:7] for f in data.failed] == ["silent:"] * len(silence)
+
+
+def test_a_long_real_mp3_decodes_in_blocks_exactly_as_in_one_read():
+    # soundfile's read seeks after every block, and libsndfile's mp3 decoder resumes from a
+    # seek with slightly different samples (in this song: 6,302 frames from the 8th block on,
+    # up to 2.2e-3). SongDecoder reads straight through, so its blocks are one whole read.
+    ogg = next(p for p in debian_music("wesnoth-1.16-music") if p.stem == "into_the_shadows")
+    mp3 = str(mp3_copies([ogg], out_dir=cache_root() / "mp3" / "wesnoth-1.16-music")[0])
+    whole = soundfile.read(mp3, dtype="float32", always_2d=True)[0]
+    with SongDecoder(mp3, sample_rate=44100) as song:
+        mono = np.concatenate([block.copy() for block in song.blocks()])
+    np.testing.assert_array_equal(mono, reference.downmix(whole))
+    codes = []
+    encode_song(mp3, AudioConfig(), codes)
+    np.testing.assert_array_equal(np.concatenate(codes), reference_codes(mp3))
+    # The premise: soundfile's own block reads of this song differ from one whole read.
+    with soundfile.SoundFile(mp3) as handle:
+        blocks = list(handle.blocks(BLOCK_FRAMES, dtype="float32", always_2d=True))
+    assert len(blocks) > 8 and not np.array_equal(np.concatenate(blocks), whole)
