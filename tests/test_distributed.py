@@ -27,6 +27,24 @@ def test_one_worker_and_two_workers_give_identical_datasets(song_dir, tmp_path):
     assert_same_tree(tmp_path / "w1", tmp_path / "w2")
 
 
+def test_one_worker_builds_the_largest_shards_first(tmp_path):
+    # Largest first keeps the last tasks small; Dask alone starts a bag's partitions in an
+    # order of its own, so this also checks the order reaches the workers.
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for index, seconds in enumerate([1.5, 4.0, 2.0, 5.0, 3.0, 2.5]):
+        audiogen.write_song(songs / f"{index}.wav", seconds=seconds, rate=16000, seed=index)
+    out = tmp_path / "data"
+    preprocess([str(songs)], str(out), cluster="local:1", songs_per_shard=1, progress=False,
+               log=lambda line: None)
+    records = [json.loads(path.read_text()) for path in (out / "shards").glob("*.json")]
+    assert len(records) == 6
+    built = sorted(records, key=lambda record: os.stat(
+        out / "shards" / f"{record['name']}.json").st_mtime_ns)
+    assert [r["songs"][0]["source_size"] for r in built] == sorted(
+        (r["songs"][0]["source_size"] for r in records), reverse=True)
+
+
 def test_killed_run_leaves_no_half_shard_and_resume_matches_clean(tmp_path):
     songs = tmp_path / "songs"
     songs.mkdir()
