@@ -265,8 +265,8 @@ def encode_song(path: str, config: AudioConfig, sink, *, spool_dir: str | None =
     The kept codes go to ``sink.append(codes)`` in order, a chunk at a time (a shard writer,
     or a plain list). Blocks are spooled while the song's peak is found: in memory up to
     ``SPOOL_IN_MEMORY`` bytes, then to a temporary file in ``spool_dir``, so memory stays
-    bounded for songs of any length. Returns the song's manifest
-    fields (without its place in a shard).
+    bounded for songs of any length. Returns the song's manifest fields (without its place
+    in a shard).
 
     Raises
     ------
