@@ -32,7 +32,7 @@ import time
 import numpy as np
 import soundfile
 
-from rainforest.audio import encode_song
+from rainforest.audio import encode_song, read_frames
 from rainforest.config import AudioConfig
 from rainforest.kernels import mulaw_decode
 from rainforest.preprocess import preprocess
@@ -50,9 +50,7 @@ def libsndfile_direct(paths):
     for path in paths:
         with soundfile.SoundFile(str(path)) as song:
             buffer = np.empty((1 << 16, song.channels), dtype=np.float32)
-            pointer = soundfile._ffi.from_buffer("float[]", buffer)
-            while soundfile._snd.sf_readf_float(song._file, pointer, buffer.shape[0]) == \
-                    buffer.shape[0]:
+            while read_frames(song, buffer, buffer.shape[0]) == buffer.shape[0]:
                 pass
 
 

@@ -181,12 +181,7 @@ class SongDecoder:
         wanted = buffer.shape[0]
         if self._seekable:
             wanted = max(0, min(wanted, self.header_frames - self.decoded_frames))
-        handle = self._file._file
-        n = _libsndfile.sf_readf_float(handle, _cffi.from_buffer("float[]", buffer), wanted)
-        error = _libsndfile.sf_error(handle)
-        if error:
-            raise soundfile.LibsndfileError(error)
-        return buffer[:n]
+        return buffer[: read_frames(self._file, buffer, wanted)]
 
     def _repair(self, block: np.ndarray) -> None:
         """NaN becomes silence and +-Inf full scale, so one bad sample cannot smear (soxr
@@ -218,6 +213,23 @@ class SongDecoder:
             return (f"truncated: decoded {self.decoded_frames} of the {self.header_frames} "
                     f"frames the header promised ({share:.1f}%)")
         return None
+
+
+def read_frames(sound_file: soundfile.SoundFile, buffer: np.ndarray, frames: int) -> int:
+    """Decode up to ``frames`` float32 frames into C-contiguous ``buffer`` with libsndfile's
+    ``sf_readf_float``, without soundfile's position check and seek; returns how many came.
+
+    Raises
+    ------
+    soundfile.LibsndfileError
+        If libsndfile reports an error.
+    """
+    handle = sound_file._file
+    count = _libsndfile.sf_readf_float(handle, _cffi.from_buffer("float[]", buffer), frames)
+    error = _libsndfile.sf_error(handle)
+    if error:
+        raise soundfile.LibsndfileError(error)
+    return count
 
 
 def decode_mono(path: str, *, sample_rate: int,
