@@ -264,6 +264,32 @@ def test_flac_damaged_in_the_middle_keeps_the_audio_before_with_the_decoders_rea
     assert abs(kept - song.decoded_frames * TARGET / 44100) <= 1
 
 
+def test_vorbis_damaged_in_the_middle_decodes_as_one_whole_read_with_a_note(tmp_path):
+    # libvorbis skips the damaged pages and resyncs, so the song comes out short. Reading in
+    # blocks through soundfile seeked after each block, which resynced it differently (109,068
+    # frames kept instead of the 105,676 that one whole read gives).
+    path = audiogen.write_song(tmp_path / "song.ogg", seconds=3.0, rate=44100, channels=2)
+    intact = soundfile.read(str(path), dtype="float32", always_2d=True)[0]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = bytes(2000)
+    path.write_bytes(bytes(data))
+    whole = soundfile.read(str(path), dtype="float32", always_2d=True)[0]
+    with SongDecoder(str(path), sample_rate=44100, block_frames=4096) as song:
+        mono = np.concatenate([block.copy() for block in song.blocks()])
+        header_frames = song.header_frames
+        decoded = song.decoded_frames
+        assert song.stopped_by is None  # the decoder reports nothing: only the shortfall shows
+        assert song.truncation == (
+            f"truncated: decoded {decoded} of the {header_frames} frames the header promised "
+            f"({100 * decoded / header_frames:.1f}%)"
+        )
+    assert header_frames == 44100 * 3 and decoded == whole.shape[0] < 0.9 * header_frames
+    np.testing.assert_array_equal(mono, reference.downmix(whole))
+    before_damage = int(0.3 * header_frames)
+    np.testing.assert_array_equal(mono[:before_damage], reference.downmix(intact)[:before_damage])
+
+
 def test_mp3_cut_inside_its_first_frames_cannot_be_opened(tmp_path):
     # 1% of a 2 s mono mp3 is 195 bytes: less than the LAME tag frame and one audio frame.
     path = audiogen.write_truncated_mp3(tmp_path / "cut.mp3", fraction=0.01)
