@@ -248,12 +248,17 @@ def test_truncated_mp3_decodes_its_first_part_with_a_note(tmp_path, fraction):
     assert abs(len(mono) - decoded * TARGET / 44100) <= 1
 
 
-def test_flac_damaged_in_the_middle_keeps_the_audio_before_with_the_decoders_reason(tmp_path):
-    path = audiogen.write_song(tmp_path / "song.flac", seconds=3.0, rate=44100, channels=2)
+def _zero_the_middle(path, size=2000):
+    """Damage a song in place: ``size`` zero bytes in the middle of the file."""
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 2000] = bytes(2000)
+    data[middle:middle + size] = bytes(size)
     path.write_bytes(bytes(data))
+
+
+def test_flac_damaged_in_the_middle_keeps_the_audio_before_with_the_decoders_reason(tmp_path):
+    path = audiogen.write_song(tmp_path / "song.flac", seconds=3.0, rate=44100, channels=2)
+    _zero_the_middle(path)
     with SongDecoder(str(path), sample_rate=TARGET, block_frames=4096) as song:
         kept = sum(len(block) for block in song.blocks())
         # Reading through soundfile lost the last good block and reported its own seek
@@ -270,10 +275,7 @@ def test_vorbis_damaged_in_the_middle_decodes_as_one_whole_read_with_a_note(tmp_
     # frames kept instead of the 105,676 that one whole read gives).
     path = audiogen.write_song(tmp_path / "song.ogg", seconds=3.0, rate=44100, channels=2)
     intact = soundfile.read(str(path), dtype="float32", always_2d=True)[0]
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 2000] = bytes(2000)
-    path.write_bytes(bytes(data))
+    _zero_the_middle(path)
     whole = soundfile.read(str(path), dtype="float32", always_2d=True)[0]
     with SongDecoder(str(path), sample_rate=44100, block_frames=4096) as song:
         mono = np.concatenate([block.copy() for block in song.blocks()])
