@@ -17,7 +17,7 @@ The study the project this replaces reported (43% parallel efficiency at 8 threa
   workers share the machine), the tail (workers idle at the end, waiting for the last task:
   imbalance) and gaps between a worker's tasks (scheduling, transfers, deserialisation).
 
-The model is ``rainforest.plan``'s (its docstring and the README's "Planning a run" state it):
+The model is ``rainforest.plan``'s (its docstring and docs/plan.md state it):
 for N songs in S = ceil(N / k) shards of k on W workers,
 
     T(W) = ceil(S / W) * k * c  +  2 S o  +  N * b / B  +  t0

@@ -7,6 +7,10 @@
 # node that Slurm drains (`scontrol update NodeName=... State=DRAIN`) is left out, so its ranks
 # stop at the next commit while the job goes on; resumed, it joins again.
 # SLURM_DISCOVER_EXCLUDE names a file of nodes to leave out as well (one per line).
+# horovodrun reaches the other nodes by ssh, and an ssh without keepalives waits forever on a
+# node that lost power: this refuses such nodes (exit 1, saying what to add) unless horovodrun
+# runs with `rainforest hosts keepalive` first on its PATH or ~/.ssh/config sets
+# ServerAliveInterval. launch/elastic-slurm.sh starts horovodrun that way.
 # It is `rainforest hosts slurm --discover` with rainforest's venv found next to launch/.
 set -euo pipefail
 venv_python="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"

@@ -6,8 +6,8 @@ command line (``rainforest --help``): :func:`fetch`, :func:`preprocess`, :func:`
 their configs (:class:`AudioConfig`, :class:`ModelConfig`, :class:`TrainConfig`,
 :class:`GenerationConfig`, :class:`FetchConfig`, :class:`PlanConfig`).
 They load on first use, so ``import rainforest`` imports neither TensorFlow nor Dask.
-The README's "Python API" section has a worked example, and its "Code layout" section is the
-map of every module.
+The README's "Python API" section has a worked example, and docs/layout.md is the map of
+every module.
 """
 
 from __future__ import annotations

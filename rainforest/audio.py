@@ -41,7 +41,7 @@ _TRUNCATION_TOLERANCE = 0.01
 _SPOOL_CHUNK = 1 << 22
 
 #: A song's spooled codes stay in memory up to this size (17 minutes at 16 kHz), then move to
-#: a file; a temporary file for every song cost 2.5% of preprocessing (README, Preprocessing).
+#: a file; a temporary file for every song cost 2.5% of preprocessing (docs/performance.md).
 SPOOL_IN_MEMORY = 1 << 24
 
 
@@ -174,8 +174,8 @@ class SongDecoder:
         """Decode the next frames into ``buffer`` (at most its length) and return them.
 
         Calls libsndfile directly: soundfile's ``read`` asks for the position before every
-        block and seeks to it after, which cost 6-7% of an mp3's decoding time (README,
-        Preprocessing). Like ``read``, it stops at the header's frame count in a seekable
+        block and seeks to it after, which cost 6-7% of an mp3's decoding time
+        (docs/performance.md). Like ``read``, it stops at the header's frame count in a seekable
         file, so the same frames decode either way (``tests/test_audio.py`` compares them).
         """
         wanted = buffer.shape[0]

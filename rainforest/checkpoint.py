@@ -29,8 +29,15 @@ import numpy as np
 
 from rainforest import storage
 from rainforest.config import AudioConfig, Config
-from rainforest.documents import read_document
-from rainforest.errors import CheckpointError, ParameterError
+from rainforest.documents import (
+    NATURAL,
+    OBJECT,
+    SHA256,
+    check_fields,
+    is_plain_name,
+    read_document,
+)
+from rainforest.errors import CheckpointError
 from rainforest.model_config import ModelConfig, weight_layout
 
 FORMAT = "rainforest-checkpoint"
@@ -94,9 +101,9 @@ def latest(run: str) -> str:
             f"{run} has no checkpoint yet ({pointer} is missing); train with "
             f"`rainforest train DATASET --run {run}` first"
         )
-    name = storage.read_bytes(pointer).decode("utf-8").strip()
+    name = storage.read_bytes(pointer).decode("utf-8", "replace").strip()
     folder = storage.join(checkpoint_root(run), name)
-    if not name.startswith("step-") or not storage.exists(folder):
+    if not (name.startswith("step-") and is_plain_name(name)) or not storage.exists(folder):
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of {run}")
     return folder
 
@@ -117,11 +124,27 @@ def local_copy(folder: str) -> Iterator[str]:
 
 
 def read_config(folder: str) -> dict[str, Any]:
-    """A checkpoint's ``config.json``, checked for format and version."""
-    return read_document(
-        storage.join(folder, CONFIG_NAME), kind=FORMAT, version=VERSION, error=CheckpointError,
+    """A checkpoint's ``config.json``, checked for format and version, with its ``files``:
+    plain names in the folder, each with a sha256, the weights among them."""
+    url = storage.join(folder, CONFIG_NAME)
+    document = read_document(
+        url, kind=FORMAT, version=VERSION, error=CheckpointError,
         advice="upgrade rainforest, or train into a new --run",
         missing=f"{folder} has no {CONFIG_NAME}: not a rainforest checkpoint")
+    advice = "resume from an older checkpoint by pointing `latest` at it, or start a new --run"
+    check_fields(document, {"step": NATURAL, "files": OBJECT, "model": OBJECT, "audio": OBJECT,
+                            "train": OBJECT, "data": OBJECT}, where=url, what="it",
+                 error=CheckpointError, advice=advice,
+                 optional=("model", "audio", "train", "data"))
+    files = document["files"]
+    wrong = [name for name, digest in files.items()
+             if not is_plain_name(name) or not SHA256.test(digest)]
+    if wrong or WEIGHTS_NAME not in files:
+        raise CheckpointError(
+            f"{url} lists {sorted(wrong)[:3] or 'no ' + WEIGHTS_NAME} among its files, each of "
+            f"which must be a file of the checkpoint with its sha256, the weights included: "
+            f"the file is damaged or was not written by rainforest; {advice}")
+    return document
 
 
 def verify(folder: str, config: dict[str, Any]) -> None:
@@ -269,6 +292,6 @@ def saved_shape(folder: str, document: dict[str, Any]) -> tuple[ModelConfig, Aud
     try:
         return (ModelConfig.from_dict(document["model"]),
                 AudioConfig.from_dict(document["audio"]))
-    except (KeyError, TypeError, ParameterError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # ParameterError is a ValueError
         raise CheckpointError(f"{folder}/{CONFIG_NAME} has no usable model/audio config: "
                               f"{error}") from None

@@ -393,7 +393,8 @@ def _add_plan(commands) -> None:
                     "worker and rank count: hours of audio, predicted preprocessing time and "
                     "parallel efficiency, training time for --steps, core-hours and, with "
                     "--price-per-hour, the money. The model and its measured error are in "
-                    "the README (Planning a run); its assumptions are printed with the figures.",
+                    "docs/plan.md and docs/performance.md; its assumptions are printed with the "
+                    "figures.",
     )
     pl.add_argument("sources", nargs="+", metavar="SRC",
                     help="song files, folders (searched recursively) or URLs such as "
@@ -417,9 +418,14 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 
     from rainforest import hosts
 
+    if args.where == "keepalive":
+        print(hosts.KEEPALIVE_DIR)
+        return 0
     if args.where == "slurm":
         found = hosts.slurm_hosts(os.environ, discover=args.discover)
         slots = args.slots or hosts.tasks_per_node(os.environ)
+        if args.discover:  # elastic: horovodrun reaches the other nodes by ssh
+            hosts.check_ssh_keepalive(found, os.environ)
     else:
         from rainforest.ec2 import run_addresses
 
@@ -442,7 +448,7 @@ def _add_hosts(commands) -> None:
                     "as an OpenMPI hostfile (--hostfile), or one per line for "
                     "`horovodrun --host-discovery-script` (--discover). The launch/*-hosts.sh "
                     "and launch/slurm-discover.sh recipes call this.")
-    where = ho.add_subparsers(dest="where", required=True, metavar="slurm|ec2")
+    where = ho.add_subparsers(dest="where", required=True, metavar="slurm|ec2|keepalive")
     slurm = where.add_parser(
         "slurm", help="inside a Slurm job: its nodes",
         description="The nodes of the Slurm job this runs in (scontrol show hostnames), with "
@@ -450,7 +456,8 @@ def _add_hosts(commands) -> None:
     slurm.add_argument("--discover", action="store_true",
                        help="elastic discovery: the nodes the job holds now (scontrol show job), "
                             "without those Slurm drains and those named one per line in the "
-                            f"file ${EXCLUDE_VARIABLE}; one host:slots per line")
+                            f"file ${EXCLUDE_VARIABLE}; one host:slots per line. Refuses other "
+                            "nodes that the ssh on PATH would wait on forever (no keepalives)")
     ec2 = where.add_parser(
         "ec2", help="the running VMs tagged with a run",
         description=f"The running EC2 VMs whose tag {RUN_TAG} (--cluster ec2 sets it; tag your "
@@ -468,6 +475,13 @@ def _add_hosts(commands) -> None:
                          help="an OpenMPI hostfile, one 'host slots=N' per line")
         sub.set_defaults(handler=cmd_hosts)
     ec2.set_defaults(discover=False)
+    keepalive = where.add_parser(
+        "keepalive", help="the folder of rainforest's ssh with keepalives",
+        description="Print the folder holding an `ssh` that adds ServerAliveInterval=5 and "
+                    "ServerAliveCountMax=3. Put it first on horovodrun's PATH so that a node "
+                    "that loses power ends its ssh session within 15 s; the launch/ scripts and "
+                    "slurm/train.sbatch do.")
+    keepalive.set_defaults(handler=cmd_hosts)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,14 +14,29 @@ know. Shards are plain ``.npy`` and are read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import os
+import re
+import tokenize
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from rainforest import storage
 from rainforest.config import AudioConfig
-from rainforest.documents import check_format, read_document
+from rainforest.documents import (
+    LIST,
+    NATURAL,
+    OBJECT,
+    OPTIONAL_SHA256,
+    OPTIONAL_TEXT,
+    SHA256,
+    TEXT,
+    Kind,
+    check_fields,
+    check_format,
+    read_document,
+)
 from rainforest.errors import DatasetFormatError, ParameterError
 
 MANIFEST_FORMAT = "rainforest-dataset"
@@ -59,6 +74,8 @@ def shard_record_path(name: str) -> str:
 
 
 _ADVICE = "upgrade rainforest or re-run `rainforest preprocess` into a new folder"
+_REBUILD = ("Re-run `rainforest preprocess` into a new folder (or delete this shard and its "
+            ".json record and re-run the same preprocess command to rebuild it)")
 
 
 def check_header(data: Any, expected_format: str, where: str) -> dict[str, Any]:
@@ -75,11 +92,64 @@ def read_manifest(url: str) -> dict[str, Any]:
     DatasetFormatError
         If the manifest is missing, not JSON, foreign, or of an unknown version.
     """
-    return read_document(
-        storage.join(url, MANIFEST_NAME), kind=MANIFEST_FORMAT, version=VERSION,
+    where = storage.join(url, MANIFEST_NAME)
+    manifest = read_document(
+        where, kind=MANIFEST_FORMAT, version=VERSION,
         error=DatasetFormatError, advice=_ADVICE,
         missing=f"no {MANIFEST_NAME} at {url}: not a rainforest dataset, or its preprocessing "
                 f"has not finished; run `rainforest preprocess SONGS --out {url}`")
+    _check(manifest, {"audio": OBJECT, "samples": NATURAL, "shards": LIST, "songs": LIST,
+                      "failed": LIST, "duplicates": LIST}, where, "it", optional=("duplicates",))
+    try:
+        AudioConfig.from_dict(manifest["audio"])
+    except (TypeError, ValueError) as problem:  # ParameterError is a ValueError
+        _refuse(where, f"its audio settings are unusable ({problem})")
+    samples: dict[str, int] = {}
+    for index, shard in enumerate(manifest["shards"]):
+        _check(shard, {"name": _SHARD_NAME, "path": TEXT, "samples": NATURAL, "bytes": NATURAL,
+                       "sha256": SHA256, "songs": NATURAL}, where, f"shard {index}")
+        if shard["path"] != shard_codes_path(shard["name"]) or shard["name"] in samples:
+            _refuse(where, f"shard {shard['name']} is listed twice or not at "
+                           f"{shard_codes_path(shard['name'])}")
+        samples[shard["name"]] = shard["samples"]
+    _check_songs(manifest["songs"], samples, where, recorded=False)
+    for index, failure in enumerate(manifest["failed"]):
+        _check(failure, _FAILED, where, f"failure {index}")
+    return manifest
+
+
+# What a reader checks of the songs and failures that manifests and shard records list, beside
+# the header, so that what it returns can be used as it is (a shard name is a file name too).
+_DAMAGED = "re-run `rainforest preprocess` into a new folder"
+_SHARD_NAME = Kind("a shard name (part-NNNNN)", lambda v: type(v) is str
+                   and re.fullmatch(r"part-[0-9]{5,18}", v) is not None
+                   and shard_name(shard_number(v)) == v)
+_SONG = {"id": TEXT, "source": TEXT, "shard": TEXT, "offset": NATURAL, "length": NATURAL,
+         "label": OPTIONAL_TEXT, "trimmed_start": NATURAL, "trimmed_end": NATURAL,
+         "note": TEXT}
+_FAILED = {"source": TEXT, "reason": TEXT}
+_RECORDED = {"source_size": NATURAL, "source_sha256": SHA256}  # how a resumed run knows a song
+
+
+def _check(record: Any, fields: dict[str, Kind], where: str, what: str,
+           optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    return check_fields(record, fields, where=where, what=what, error=DatasetFormatError,
+                        advice=_DAMAGED, optional=optional)
+
+
+def _refuse(where: str, problem: str) -> NoReturn:
+    raise DatasetFormatError(f"{where}: {problem}; the file is damaged or was not written by "
+                             f"rainforest: {_DAMAGED}")
+
+
+def _check_songs(songs: list, samples: dict[str, int], where: str, *, recorded: bool) -> None:
+    """Each song's fields, and its codes inside a shard of ``samples`` (name -> length)."""
+    for index, song in enumerate(songs):
+        _check(song, {**_SONG, **(_RECORDED if recorded else {})}, where, f"song {index}",
+               optional=("note",))
+        if song["offset"] + song["length"] > samples.get(song["shard"], -1):
+            _refuse(where, f"song {index} ({song['source']!r}) lies outside its shard "
+                           f"{song['shard']!r}")
 
 
 @dataclass(frozen=True)
@@ -149,7 +219,11 @@ class Dataset:
         if name not in self._mapped:
             url = storage.join(self.url, self.shards[name]["path"])
             path = self._local_copy(url, self.shards[name]) if storage.is_remote(url) else url
-            codes = np.load(path, mmap_mode="r", allow_pickle=False)
+            try:
+                codes = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, EOFError, SyntaxError, tokenize.TokenError) as problem:
+                raise DatasetFormatError(f"{url} is not a shard of codes ({problem}); the dataset "
+                                         f"is damaged. {_REBUILD}") from None
             if codes.dtype != np.uint8 or codes.ndim != 1:
                 raise DatasetFormatError(
                     f"{url} holds {codes.dtype} {codes.shape}, not uint8 codes"
@@ -165,9 +239,10 @@ class Dataset:
     def verify_shards(self, names, *, full: bool = False) -> None:
         """Check shards against the manifest's sha256 before they are trained on.
 
-        Local shards are hashed once per change (:func:`rainforest.storage.verified_sha256`),
-        or every time with ``full``; remote ones are checked when they are downloaded into
-        the cache.
+        Local shards, and the local cache's copies of remote ones, are hashed once per change
+        (:func:`rainforest.storage.verified_sha256`); a remote shard missing from the cache is
+        downloaded and hashed. With ``full``, every local file is hashed again, and every
+        remote shard is hashed where it is stored as well.
 
         Raises
         ------
@@ -178,6 +253,11 @@ class Dataset:
             shard = self.shards[name]
             url = storage.join(self.url, shard["path"])
             if storage.is_remote(url):
+                if full and storage.sha256_of(url) != shard["sha256"]:
+                    raise DatasetFormatError(
+                        f"{url} does not match the sha256 in {MANIFEST_NAME}: the shard was "
+                        f"changed or damaged after preprocessing. {_REBUILD}")
+                self._local_copy(url, shard, rehash=full)
                 continue
             if not os.path.exists(url):
                 raise DatasetFormatError(f"{url} is missing; the dataset is damaged. Re-run "
@@ -185,30 +265,36 @@ class Dataset:
             if storage.verified_sha256(url, trust_cache=not full) != shard["sha256"]:
                 raise DatasetFormatError(
                     f"{url} does not match the sha256 in {MANIFEST_NAME}: the shard was "
-                    "changed or damaged after preprocessing. Re-run `rainforest preprocess` "
-                    "into a new folder (or delete this shard and its .json record and re-run "
-                    "the same preprocess command to rebuild it)")
+                    f"changed or damaged after preprocessing. {_REBUILD}")
 
     def song_codes(self, song: Song) -> np.ndarray:
         return self.shard_codes(song.shard)[song.offset : song.offset + song.length]
 
-    def _local_copy(self, url: str, shard: dict[str, Any]) -> str:
+    def _local_copy(self, url: str, shard: dict[str, Any], *, rehash: bool = False) -> str:
+        """The cache's copy of the remote shard ``url``, verified since it was written (or
+        hashed again, with ``rehash``); a missing or damaged copy is downloaded again."""
         cache = self._cache_dir or os.path.join(storage.cache_root(), "shards")
         os.makedirs(cache, exist_ok=True)
         path = os.path.join(cache, f"{shard['sha256']}.npy")
-        if not os.path.exists(path):
-            fs, remote_path = storage.filesystem(url)
-            with storage.Staged(path) as staging:
-                fs.get_file(remote_path, staging)
-                if storage.sha256_of(staging) != shard["sha256"]:
-                    raise DatasetFormatError(f"{url} does not match the sha256 in the manifest")
+        if os.path.exists(path):
+            if storage.verified_sha256(path, trust_cache=not rehash) == shard["sha256"]:
+                return path
+            warnings.warn(f"{path}, the cached copy of {url}, no longer matches its sha256 "
+                          "(damaged on this disk); downloading it again", stacklevel=3)
+        fs, remote_path = storage.filesystem(url)
+        with storage.Staged(path) as staging:
+            fs.get_file(remote_path, staging)
+            if storage.sha256_of(staging) != shard["sha256"]:
+                raise DatasetFormatError(f"{url} does not match the sha256 in {MANIFEST_NAME}:"
+                                         f" the shard was changed or damaged. {_REBUILD}")
+        storage.remember_sha256(path, shard["sha256"])
         return path
 
 
 def summary(url: str) -> dict[str, Any]:
     """What ``rainforest inspect`` shows: counts, hours, shards and failures."""
     manifest = read_manifest(storage.canonical(url))
-    rate = manifest["audio"]["sample_rate"]
+    rate = AudioConfig.from_dict(manifest["audio"]).sample_rate  # the default where absent
     labels: dict[str, int] = {}
     for song in manifest["songs"]:
         if song.get("label") is not None:
@@ -305,10 +391,26 @@ def read_shard_records(out: str) -> dict[str, dict[str, Any]]:
     for name in storage.list_names(shard_dir):
         if name.startswith(SHARD_PREFIX) and name.endswith(RECORD_SUFFIX):
             url = storage.join(shard_dir, name)
-            record = storage.read_json(url)
-            check_header(record, SHARD_FORMAT, url)
+            record = read_document(url, kind=SHARD_FORMAT, version=VERSION,
+                                   error=DatasetFormatError, advice=_ADVICE,
+                                   missing=f"{url} vanished while it was read")
+            _check_record(record, name[: -len(RECORD_SUFFIX)], url)
             records[record["name"]] = record
     return records
+
+
+def _check_record(record: dict[str, Any], name: str, url: str) -> None:
+    """A shard record's fields: its own shard's name, songs inside its codes, its sha256."""
+    _check(record, {"name": _SHARD_NAME, "path": OPTIONAL_TEXT, "samples": NATURAL,
+                    "bytes": NATURAL, "sha256": OPTIONAL_SHA256, "songs": LIST, "failed": LIST},
+           url, "it")
+    codes = shard_codes_path(name) if record["songs"] else None
+    if record["name"] != name or record["path"] != codes or (codes and not record["sha256"]):
+        _refuse(url, f"it records shard {record['name']!r} at {record['path']!r}, not this "
+                     f"file's shard {name!r} at {codes!r} with its sha256")
+    _check_songs(record["songs"], {name: record["samples"]}, url, recorded=True)
+    for index, failure in enumerate(record["failed"]):
+        _check(failure, {**_FAILED, **_RECORDED}, url, f"failure {index}")
 
 
 def build_manifest(config: AudioConfig, records: dict[str, dict[str, Any]],
@@ -346,5 +448,17 @@ def write_plan(out: str, config: AudioConfig, shards: list[dict[str, Any]], *,
 def read_plan(out: str) -> dict[str, Any]:
     """The checked ``plan.json`` of a dataset being written."""
     url = storage.join(out, PLAN_NAME)
-    return check_header(storage.read_json(url), PLAN_FORMAT, url)
+    plan = read_document(url, kind=PLAN_FORMAT, version=VERSION, error=DatasetFormatError,
+                         advice=_ADVICE, missing=f"no {PLAN_NAME} at {out}")
+    _check(plan, {"audio": OBJECT, "songs_per_shard": NATURAL, "shards": LIST}, url, "it")
+    names: set[str] = set()
+    for index, shard in enumerate(plan["shards"]):
+        _check(shard, {"name": _SHARD_NAME, "songs": LIST}, url, f"shard {index}")
+        if shard["name"] in names:
+            _refuse(url, f"shard {shard['name']} is planned twice")
+        names.add(shard["name"])
+        for number, song in enumerate(shard["songs"]):
+            _check(song, {"source": TEXT, "size": NATURAL, "sha256": SHA256,
+                          "label": OPTIONAL_TEXT}, url, f"song {number} of {shard['name']}")
+    return plan
 

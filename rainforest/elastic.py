@@ -14,11 +14,12 @@ copy; a reset then deals the songs out again for the new number of ranks, and th
 rate follows the new size. Horovod's own ``TensorFlowKerasState`` fails on Keras 3 optimizers
 and ``TensorFlowState`` deadlocks on a re-join, hence this class (see ARCHITECTURE.md).
 
-``metrics.jsonl`` keeps the first record of each step: after a rollback the repeated steps
-are trained again but not logged again, so its steps only ever go forward. Every rank keeps
-the scalars of its recent steps (they are averaged over the ranks, so equal on all), and a rank
-that has just become rank 0 first writes the steps its dead predecessor trained but did not
-live to log: each step appears once.
+``metrics.jsonl`` follows the rule of every run (:func:`rainforest.runlog.forget_steps_after`):
+a step trained again after a rollback replaces its earlier record, so the file holds each step
+once, as the surviving weights went through it. Every rank keeps the scalars of its recent
+steps (they are averaged over the ranks, so equal on all), and a rank that has just become
+rank 0 first writes the steps up to the commit that its dead predecessor trained but did not
+live to log.
 """
 
 from __future__ import annotations
@@ -64,20 +65,26 @@ class ElasticTrainingState(State):
         self.save()
 
 
-class SkipLoggedSteps(RankZeroLog):
+class ElasticLog(RankZeroLog):
     """Rank 0's log that writes each step of ``metrics.jsonl`` once, across lost ranks.
 
-    It reads the file on creation, so a rank that has just become rank 0 (the old one died)
-    continues the record where the old one stopped. ``recent`` (shared by the writers of one
-    process across resets) holds every rank's scalars of the steps since the last commit and
-    before it; a step the file lacks but ``recent`` holds is written before the next one.
+    Each membership starts one from the commit it goes on from: the records after that step
+    give way to the steps trained again, and a rank that has just become rank 0 (the old one
+    died) continues the record where the old one stopped. ``recent`` (shared by the writers of
+    one process across resets) holds every rank's scalars of the steps since the last commit
+    and before it; a step the file lacks but ``recent`` holds is written before the next one.
     """
 
     def __init__(self, run: str, rank: int, size: int, recent: dict[int, dict], **kwargs
                  ) -> None:
         super().__init__(run, rank, **kwargs)
         self.size, self.recent = size, recent
-        self.logged = last_logged_step(run) if self.active else 0
+        self.logged = 0
+
+    def start(self, first: int, last: int) -> None:
+        super().start(first, last)
+        if self.active:
+            self.logged = last_logged_step(self.run)
 
     def record(self, step: int, scalars: dict[str, float]) -> None:
         self.recent[step] = {**scalars, "ranks": self.size}

@@ -27,3 +27,11 @@ class CheckpointError(RainforestError):
 
 class StorageError(RainforestError):
     """Input or output storage failed (full, gone, unreachable); the run stops and resumes."""
+
+
+class SlurmError(RainforestError):
+    """A Slurm client command failed; the message gives the command and Slurm's own words."""
+
+    def __init__(self, message: str, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr

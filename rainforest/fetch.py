@@ -58,7 +58,18 @@ from rainforest.audio import sniff_reason
 from rainforest.config import Config, documented, setting
 from rainforest.dataset import MANIFEST_NAME as DATASET_MANIFEST_NAME
 from rainforest.dataset import PLAN_NAME
-from rainforest.documents import read_document
+from rainforest.documents import (
+    LIST,
+    NAME,
+    NATURAL,
+    OPTIONAL_SHA256,
+    OPTIONAL_TEXT,
+    TEXT,
+    Kind,
+    check_fields,
+    is_plain_name,
+    read_document,
+)
 from rainforest.errors import DatasetFormatError, ParameterError, RainforestError
 
 FETCH_FORMAT = "rainforest-fetch"
@@ -160,7 +171,7 @@ def fill_template(template: str, row: dict[str, str]) -> str:
             f"--url-template names column {error.args[0]!r}, which the CSV does not have; "
             f"columns: {', '.join(sorted(row))}"
         ) from None
-    except (ValueError, IndexError) as error:
+    except (ValueError, IndexError, AttributeError, TypeError) as error:  # {a.b}, {a[0]}
         raise ParameterError(f"--url-template {template!r} does not fit row {row}: {error}") \
             from None
 
@@ -212,9 +223,18 @@ def _column(rows: list[dict[str, str]], name: str, flag: str, where: str) -> str
     return name
 
 
+def read_csv_file(where: str) -> list[dict[str, str]]:
+    """:func:`read_csv_table` of the file at ``where``, which must be UTF-8 CSV."""
+    try:
+        return read_csv_table(storage.read_bytes(where).decode("utf-8-sig"))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ParameterError(f"{where} cannot be read as a UTF-8 CSV file ({error}); save it "
+                             "as CSV in UTF-8") from None
+
+
 def _csv_sources(where: str, *, url_column: str | None, url_template: str | None,
                  label_columns: Sequence[str]) -> list[Source]:
-    rows = read_csv_table(storage.read_bytes(where).decode("utf-8-sig"))
+    rows = read_csv_file(where)
     if (url_column is None) == (url_template is None):
         raise ParameterError(f"{where} is a CSV: give exactly one of --url-column NAME or "
                              "--url-template 'https://host/{id_column}.mp3'")
@@ -321,17 +341,21 @@ def plan_names(sources: Sequence[Source], previous: dict[str, dict[str, Any]]) -
     taken = {name.casefold() for name in _RESERVED_NAMES}
     for source in sources:
         old = previous.get(source.url, {}).get("name")
-        if old and old.casefold() not in taken:
+        if is_plain_name(old) and old.casefold() not in taken:
             names[source.url] = old
             taken.add(old.casefold())
     for source in sources:
         if source.url in names:
             continue
         name = _name_from_url(source.url)
-        if name.casefold() in taken:
-            stem, ext = os.path.splitext(name)
-            tag = hashlib.sha256(source.url.encode()).hexdigest()[:10]
-            name = f"{stem[: _MAX_NAME - len(ext) - 11]}-{tag}{ext}"
+        stem, ext = os.path.splitext(name)
+        # surrogatepass: a URL from the command line may carry undecodable bytes as surrogates
+        tag = hashlib.sha256(source.url.encode(errors="surrogatepass")).hexdigest()[:10]
+        number = 0
+        while name.casefold() in taken:  # again: an earlier run gave another source this name
+            number += 1
+            suffix = f"-{tag}" if number == 1 else f"-{tag}-{number}"
+            name = f"{stem[: _MAX_NAME - len(ext) - len(suffix)]}{suffix}{ext}"
         names[source.url] = name
         taken.add(name.casefold())
     return names
@@ -667,9 +691,24 @@ def read_fetch_manifest(out: str) -> dict[str, Any] | None:
     url = storage.join(out, FETCH_NAME)
     if not storage.exists(url):
         return None
-    return read_document(url, kind=FETCH_FORMAT, version=VERSION, error=DatasetFormatError,
-                         advice="move it away to start a fresh fetch, or use another --out",
-                         missing=f"no {FETCH_NAME} at {out}")
+    advice = "move it away to start a fresh fetch, or use another --out"
+    data = read_document(url, kind=FETCH_FORMAT, version=VERSION, error=DatasetFormatError,
+                         advice=advice, missing=f"no {FETCH_NAME} at {out}")
+    check_fields(data, {"entries": LIST}, where=url, what="it", error=DatasetFormatError,
+                 advice=advice)
+    for index, entry in enumerate(data["entries"]):
+        check_fields(entry, _ENTRY, where=url, what=f"entry {index}", error=DatasetFormatError,
+                     advice=advice)
+    return data
+
+
+# What a resumed fetch and `preprocess --labels fetch` use of each entry. A name is where the
+# file is written, so it must stay in the folder.
+_ENTRY = {"source": TEXT, "name": NAME, "status": TEXT, "sha256": OPTIONAL_SHA256,
+          "etag": OPTIONAL_TEXT,
+          "bytes": Kind("a whole number or null", lambda v: v is None or NATURAL.test(v)),
+          "labels": Kind("an object of strings", lambda v: type(v) is dict
+                         and all(type(label) is str for label in v.values()))}
 
 
 def _already_fetched(entry: dict[str, Any] | None, target: str, source: Source) -> bool:

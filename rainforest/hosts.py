@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from rainforest.errors import ParameterError, RainforestError
+from rainforest.slurmjobs import slurm_output
 
 #: How a host list is printed: ``horovodrun -H`` (a,b), one per line
 #: (``--host-discovery-script``), or an OpenMPI hostfile.
 FORMATS = ("horovod", "lines", "hostfile")
 #: A file of nodes (one per line) that elastic discovery leaves out as well.
 EXCLUDE_VARIABLE = "SLURM_DISCOVER_EXCLUDE"
+#: The folder holding rainforest's ``ssh`` with keepalives; launchers put it first on PATH.
+KEEPALIVE_DIR = Path(__file__).resolve().parent / "keepalive"
 
 
 def local_gloo_launcher(ranks: int) -> list[str]:
@@ -51,32 +56,23 @@ def tasks_per_node(environ: Mapping[str, str]) -> int:
     return int(match.group())
 
 
-def _slurm(*command: str) -> str:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    except FileNotFoundError:
-        raise RainforestError(f"{command[0]} is not on PATH: run this on a Slurm node") from None
-    except subprocess.CalledProcessError as error:
-        raise RainforestError(f"{' '.join(command)} failed: {error.stderr.strip()}") from None
-
-
 def slurm_job_nodes(environ: Mapping[str, str], *, current: bool) -> list[str]:
     """The job's nodes: as allocated at its start, or (``current``) as Slurm holds them now."""
     if "SLURM_JOB_ID" not in environ:
         raise ParameterError("no SLURM_JOB_ID: run `rainforest hosts slurm` inside a Slurm job")
     nodes = environ.get("SLURM_JOB_NODELIST", "")
     if current:  # a node taken from the job or added to it shows here, not in the variable
-        found = re.search(r"^\s*NodeList=(\S+)", _slurm("scontrol", "show", "job",
+        found = re.search(r"^\s*NodeList=(\S+)", slurm_output("scontrol", "show", "job",
                                                         environ["SLURM_JOB_ID"]), re.M)
         nodes = found.group(1) if found and found.group(1) != "(null)" else nodes
     if not nodes:
         raise RainforestError(f"no node list for Slurm job {environ['SLURM_JOB_ID']}")
-    return _slurm("scontrol", "show", "hostnames", nodes).split()
+    return slurm_output("scontrol", "show", "hostnames", nodes).split()
 
 
 def left_out_nodes(environ: Mapping[str, str]) -> set[str]:
     """Nodes Slurm drains (or has drained), and those named in ``$SLURM_DISCOVER_EXCLUDE``."""
-    left_out = set(_slurm("sinfo", "-h", "-N", "-t", "drain", "-o", "%N").split())
+    left_out = set(slurm_output("sinfo", "-h", "-N", "-t", "drain", "-o", "%N").split())
     exclude = environ.get(EXCLUDE_VARIABLE)
     if exclude and os.access(exclude, os.R_OK):
         with open(exclude) as handle:
@@ -91,3 +87,47 @@ def slurm_hosts(environ: Mapping[str, str], *, discover: bool) -> list[str]:
         return nodes
     left_out = left_out_nodes(environ)
     return [node for node in nodes if node not in left_out]
+
+
+def keepalive_path(environ: Mapping[str, str]) -> str:
+    """``PATH`` with :data:`KEEPALIVE_DIR` first: the ``ssh`` that horovodrun and mpirun then
+    start ends a session to a node that lost power within 15 s instead of never."""
+    rest = [d for d in environ.get("PATH", "").split(os.pathsep) if d and d != str(KEEPALIVE_DIR)]
+    return os.pathsep.join([str(KEEPALIVE_DIR), *rest])
+
+
+def ssh_keepalive_seconds(host: str, environ: Mapping[str, str]) -> int:
+    """How long the ``ssh`` on ``environ``'s PATH waits on a silent ``host`` (0: forever).
+
+    ``ssh -G`` prints the settings ssh would use, options and ``~/.ssh/config`` applied,
+    without connecting.
+    """
+    try:
+        result = subprocess.run(["ssh", "-G", host], capture_output=True, text=True, timeout=30,
+                                env=dict(environ), stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise RainforestError(f"cannot run `ssh -G {host}` ({error})") from None
+    if result.returncode != 0:
+        raise RainforestError(f"`ssh -G {host}` failed: {result.stderr.strip()}")
+    settings = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    return int(settings.get("serveraliveinterval", 0)) * int(settings.get("serveralivecountmax", 3))
+
+
+def check_ssh_keepalive(hosts: Sequence[str], environ: Mapping[str, str]) -> None:
+    """Refuse hosts that horovodrun would reach by an ssh that never gives up on them.
+
+    Raises
+    ------
+    ParameterError
+        Naming the first such host, and the two ways to give ssh keepalives.
+    """
+    here = {socket.gethostname().split(".")[0], "localhost", "127.0.0.1"}
+    for host in hosts:
+        if host.split(".")[0] in here or ssh_keepalive_seconds(host, environ) > 0:
+            continue
+        raise ParameterError(
+            f"ssh to {host} has no keepalives (ServerAliveInterval 0), so horovodrun would wait "
+            "forever on a node that loses power. Start horovodrun with rainforest's ssh first on "
+            f"PATH (PATH={KEEPALIVE_DIR}:$PATH horovodrun ...; `rainforest hosts keepalive` "
+            "prints the folder), or add to ~/.ssh/config on this node:\n"
+            "  Host *\n    ServerAliveInterval 5\n    ServerAliveCountMax 3")

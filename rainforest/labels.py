@@ -39,7 +39,12 @@ def _split(url: str) -> tuple[str, str]:
 
 def _number_key(text: str) -> str | None:
     text = text.strip()
-    return str(int(text)) if text.isdigit() else None
+    if not text.isdecimal():  # isdigit() would take "²", which int() refuses
+        return None
+    try:
+        return str(int(text))
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        return None
 
 
 def _fetch_labels(column: str | None) -> Callable[[str], str | None]:
@@ -58,11 +63,11 @@ def _fetch_labels(column: str | None) -> Callable[[str], str | None]:
 
 def csv_labels(path: str, column: str) -> Callable[[str], str | None]:
     """A song URL -> label function from one column of a metadata CSV."""
-    from rainforest.fetch import read_csv_table
+    from rainforest.fetch import read_csv_file
 
     if not storage.exists(path):
         raise ParameterError(f"--labels {path}:{column}: no such CSV file")
-    rows = read_csv_table(storage.read_bytes(path).decode("utf-8-sig"))
+    rows = read_csv_file(path)
     if rows and column not in rows[0]:
         raise ParameterError(f"{path} has no column {column!r}; it has: "
                              f"{', '.join(list(rows[0])[:30])}")

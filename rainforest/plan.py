@@ -37,6 +37,7 @@ whatever ``R``, so the efficiency is taken as constant beyond 2 ranks: an assump
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import statistics
@@ -51,13 +52,13 @@ from typing import Any
 
 from rainforest import storage
 from rainforest.config import AudioConfig, Config, cli_fields, documented, flag_of, setting
-from rainforest.errors import ParameterError, RainforestError
+from rainforest.errors import AudioDecodeError, ParameterError, RainforestError
 from rainforest.preprocess import SONGS_PER_SHARD
 
 PLAN_FORMAT = "rainforest-plan"
 PLAN_VERSION = 1
 
-#: The 2-rank scaling efficiency measured here (README, Performance: 2 ranks x 1 core
+#: The 2-rank scaling efficiency measured here (docs/performance.md: 2 ranks x 1 core
 #: against 1 rank x 2 cores, 0.95).
 MEASURED_RANK_EFFICIENCY = 0.95
 
@@ -259,17 +260,27 @@ class _Discard:
 
 def _compute_per_audio_second(paths: list[str], audio: AudioConfig, scratch: str) -> float:
     """Hash and encode each song in this process; seconds of work per second of audio."""
-    from rainforest.audio import encode_song
-
-    encode_song(paths[0], audio, _Discard(), spool_dir=scratch)  # warm: Numba loads its cache
+    _calibration_encode(paths[0], audio, scratch)  # warm: Numba loads its cache
     work, audio_seconds = 0.0, 0.0
     for path in paths:
         started = time.perf_counter()
         storage.sha256_of(path)
-        fields = encode_song(path, audio, _Discard(), spool_dir=scratch)
+        fields = _calibration_encode(path, audio, scratch)
         work += time.perf_counter() - started
         audio_seconds += fields["source_seconds"]
     return work / audio_seconds
+
+
+def _calibration_encode(path: str, audio: AudioConfig, scratch: str) -> dict[str, Any]:
+    from rainforest.audio import encode_song
+
+    try:
+        return encode_song(path, audio, _Discard(), spool_dir=scratch)
+    except AudioDecodeError as error:
+        raise AudioDecodeError(
+            f"calibration song {os.path.basename(path)} cannot be preprocessed ({error}), so "
+            "its time cannot be priced; remove it from the sources, or plan --from an earlier "
+            "plan or run") from None
 
 
 def _launcher() -> list[str]:
@@ -284,7 +295,9 @@ def _launcher() -> list[str]:
 
 def _timed_command(arguments: list[str], *, one_core: bool = False,
                    launcher: Sequence[str] = ()) -> float:
-    """Wall seconds of a whole ``rainforest`` command; an error if it fails."""
+    """Wall seconds of a whole ``rainforest`` command; an error if it fails, or if it failed
+    songs (exit status 3): a calibration that left songs out would price less work than the
+    run will do."""
     pin = None
     if one_core and hasattr(os, "sched_setaffinity"):
         core = min(os.sched_getaffinity(0))
@@ -297,7 +310,12 @@ def _timed_command(arguments: list[str], *, one_core: bool = False,
     result = subprocess.run([*launcher, sys.executable, "-m", "rainforest.cli", *arguments],
                             capture_output=True, text=True, preexec_fn=pin, env=env)
     elapsed = time.perf_counter() - started
-    if result.returncode not in (0, 3):
+    if result.returncode == 3:
+        raise RainforestError(
+            f"calibration command `rainforest {' '.join(arguments)}` failed song(s), so its "
+            f"time cannot be priced:\n{result.stdout[-2000:]}{result.stderr[-2000:]}\nRemove "
+            "those songs from the sources, or plan --from an earlier plan or run")
+    if result.returncode != 0:
         raise RainforestError(f"calibration command `rainforest {' '.join(arguments)}` failed "
                               f"({result.returncode}):\n{result.stderr[-2000:]}")
     return elapsed
@@ -378,13 +396,13 @@ def from_earlier(url: str) -> dict[str, Any]:
     """Figures from an earlier ``plan --json`` output or run folder (some or all fields)."""
     from rainforest import checkpoint
     from rainforest.dataset import MANIFEST_NAME
-    from rainforest.documents import check_format
+    from rainforest.documents import read_document
 
     if not storage.is_remote(url) and os.path.isfile(url):
-        document = storage.read_json(url)
-        check_format(document, kind=PLAN_FORMAT, version=PLAN_VERSION, where=url,
-                     error=ParameterError, advice="re-run `rainforest plan --json`")
-        return {**document["calibration"], "source": f"{url} (an earlier plan)"}
+        document = read_document(url, kind=PLAN_FORMAT, version=PLAN_VERSION,
+                                 error=ParameterError, advice="re-run `rainforest plan --json`",
+                                 missing=f"{url} is missing")
+        return {**_figures(document, url), "source": f"{url} (an earlier plan)"}
     if storage.exists(storage.join(url, MANIFEST_NAME)):
         raise ParameterError(
             f"{url} is a dataset, and a dataset records no timings (it is byte-identical "
@@ -396,6 +414,28 @@ def from_earlier(url: str) -> dict[str, Any]:
             "batch_size": batch, "target_length": target, "model": f"the model of {url}",
             "source": f"{url} (a run on {ranks} rank(s); its start-up is not recorded, so "
                       "none is included)"}
+
+
+def _figures(document: dict[str, Any], url: str) -> dict[str, Any]:
+    """The calibration of a ``plan --json`` document, refused unless every figure it gives
+    is a :class:`Calibration` field of the right kind (a time >= 0, a count >= 1, text)."""
+    from rainforest.documents import NUMBER, TEXT, Kind, check_fields
+
+    advice = "re-run `rainforest plan --json` and give its output to --from"
+    if "calibration" not in document:
+        raise ParameterError(f"{url} holds no calibration figures: it is not the output of "
+                             f"`rainforest plan --json` (a dataset's plan.json is another kind "
+                             f"of plan); {advice}")
+    kinds = {"float": Kind("a number >= 0", lambda v: NUMBER.test(v) and v >= 0),
+             "int": Kind("a whole number >= 1", lambda v: type(v) is int and 1 <= v < 2**63),
+             "str": TEXT}
+    fields = {f.name: kinds[f.type] for f in dataclasses.fields(Calibration)}
+    figures = check_fields(document["calibration"], fields, where=url, what="its calibration",
+                           error=ParameterError, advice=advice, optional=tuple(fields))
+    if set(figures) - set(fields):
+        raise ParameterError(f"{url}: its calibration has figures this rainforest does not "
+                             f"know, {sorted(set(figures) - set(fields))[:5]}; {advice}")
+    return figures
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -312,8 +312,6 @@ def preprocess(
     --------
     >>> preprocess(["songs/"], "dataset/", cluster="local:2")    # doctest: +SKIP
     """
-    from rainforest.cluster import connect, describe_lost_worker, lost_workers, preflight
-
     config = config or AudioConfig()
     if songs_per_shard < 1:
         raise ParameterError(f"songs_per_shard must be >= 1, got {songs_per_shard}")
@@ -328,12 +326,35 @@ def preprocess(
         )
     old_plan = _load_plan(out, config)
     storage.remove_stale_staging(storage.join(out, SHARD_DIR))
+    built = _build_shards(
+        listed, out, config, old_plan, reads=[storage.canonical(s) for s in sources],
+        cluster=cluster, cluster_settings=cluster_settings, songs_per_shard=songs_per_shard,
+        labels=labels, progress=progress, log=log)
+    # A worker killed mid-shard leaves its staging file; its task was redone elsewhere.
+    storage.remove_stale_staging(storage.join(out, SHARD_DIR))
+    plan = built.plan
+    records = {**plan.records, **{record["name"]: record for record in built.records}}
+    unreadable = [{"source": e["source"], "source_size": e["size"], "reason": e["reason"]}
+                  for e in plan.identified if "reason" in e]
+    manifest = build_manifest(config, records, unreadable, plan.duplicates)
+    with storage.reported(f"writing the manifest of {out}"):
+        storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
+    return _summary(out, manifest, built.records, plan, time.perf_counter() - started,
+                    built.workers, built.lost)
+
+
+def _build_shards(listed, out: str, config: AudioConfig, old_plan, *, reads: list[str],
+                  cluster: str, cluster_settings: Any, songs_per_shard: int, labels: str,
+                  progress: bool, log: Callable[[str], None]) -> _Built:
+    """Identify the songs and build the shards still to do on the cluster, saying how it
+    went: the dashboard, the workers the preflight found, lost workers, shards per worker."""
+    from rainforest.cluster import connect, describe_lost_worker, lost_workers, preflight
 
     workers: dict[str, int] = {}
     with connect(cluster, settings=cluster_settings, quiet=not progress, log=log) as client:
         if client is not None:
             log(f"Dask dashboard: {client.dashboard_link}")
-        places = preflight(client, reads=[storage.canonical(s) for s in sources], write=out)
+        places = preflight(client, reads=reads, write=out)
         if places:
             log(f"preflight: {len(places)} worker(s) run this environment and see the data")
         since = time.time()
@@ -346,8 +367,8 @@ def preprocess(
         def process(shard):
             return process_shard(shard, out=out, config=config)
 
-        new_records = _run_bag(client, process, plan.pending, description="preprocess",
-                               unit="shard", progress=progress, where=workers)
+        records = _run_bag(client, process, plan.pending, description="preprocess",
+                           unit="shard", progress=progress, where=workers)
         lost = lost_workers(client, since=since, places=places)
         for worker in lost:
             log(f"warning: {describe_lost_worker(worker)}")
@@ -355,19 +376,10 @@ def preprocess(
             log(f"the run ended with {len(client.scheduler_info(n_workers=-1)['workers'])} "
                 f"worker(s), having lost {len(lost)}")
     if workers:
-        log(f"{len(new_records)} shard(s) built by {len(workers)} worker(s):")
+        log(f"{len(records)} shard(s) built by {len(workers)} worker(s):")
         for address, count in sorted(workers.items()):
             log(f"  worker {address}: {count} shard(s)")
-    # A worker killed mid-shard leaves its staging file; its task was redone elsewhere.
-    storage.remove_stale_staging(storage.join(out, SHARD_DIR))
-    records = {**plan.records, **{record["name"]: record for record in new_records}}
-    unreadable = [{"source": e["source"], "source_size": e["size"], "reason": e["reason"]}
-                  for e in plan.identified if "reason" in e]
-    manifest = build_manifest(config, records, unreadable, plan.duplicates)
-    with storage.reported(f"writing the manifest of {out}"):
-        storage.write_json_atomic(storage.join(out, MANIFEST_NAME), manifest)
-    return _summary(out, manifest, new_records, plan, time.perf_counter() - started, workers,
-                    lost)
+    return _Built(plan, records, workers, lost)
 
 
 @dataclass
@@ -377,6 +389,16 @@ class _RunPlan:
     duplicates: list[dict[str, str]]
     pending: list[dict[str, Any]]  # shards to build now
     skipped: int  # songs already done by an earlier run
+
+
+@dataclass
+class _Built:
+    """What the cluster did: the run's plan, the shards built now, by whom, and who was lost."""
+
+    plan: _RunPlan
+    records: list[dict[str, Any]]
+    workers: dict[str, int]  # shards built by each worker address
+    lost: list[dict]
 
 
 def _plan_run(client, listed, out: str, config: AudioConfig, old_plan, *, songs_per_shard: int,

@@ -236,7 +236,7 @@ def report(run: str, out: str, *, dataset: str | None = None, generated: str | N
         data = Dataset(dataset)
     elif dataset:
         log(f"note: dataset {dataset} not found; the report leaves it out")
-    rows = read_metrics(run)
+    rows = read_metrics(run, log=lambda message: log(f"warning: {message}"))
     page = render_page(
         run_name=os.path.basename(os.path.abspath(run)), version=__version__, run=run,
         step=config["step"], metrics_name=METRICS_NAME, training=_training(rows, out),

@@ -18,12 +18,16 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from rainforest import storage
 from rainforest.plots import png_figure
 
 METRICS_NAME = "metrics.jsonl"
+#: Lines of ``metrics.jsonl`` that are not records, moved aside rather than deleted.
+REJECTED_NAME = "metrics.rejected.jsonl"
 CURVES_NAME = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -48,6 +52,11 @@ class RankZeroLog:
             self.run = tempfile.mkdtemp(prefix="rainforest-run-")
             self._mirror_existing_logs()
         os.makedirs(self.run, exist_ok=True)
+        replaced = forget_steps_after(self.run, first, log=self.log)
+        if replaced:
+            self.log(f"{METRICS_NAME}: steps {replaced[0]}-{replaced[-1]} were trained after "
+                     f"step {first}, which this run goes on from (its checkpoint or elastic "
+                     "commit); their records are replaced as the steps are trained again")
         self._tensorboard = tf.summary.create_file_writer(os.path.join(self.run, TENSORBOARD_DIR))
         if self.progress:
             from tqdm import tqdm
@@ -112,10 +121,10 @@ class RankZeroLog:
             self.run = self.remote
 
     def _mirror_existing_logs(self) -> None:
-        metrics = storage.join(self.remote, METRICS_NAME)
-        if storage.exists(metrics):
-            with open(os.path.join(self.run, METRICS_NAME), "wb") as handle:
-                handle.write(storage.read_bytes(metrics))
+        for name in (METRICS_NAME, REJECTED_NAME):
+            if storage.exists(storage.join(self.remote, name)):
+                with open(os.path.join(self.run, name), "wb") as handle:
+                    handle.write(storage.read_bytes(storage.join(self.remote, name)))
         events = storage.join(self.remote, TENSORBOARD_DIR)
         if storage.exists(events):
             storage.download_folder(events, os.path.join(self.run, TENSORBOARD_DIR))
@@ -125,7 +134,7 @@ class RankZeroLog:
         if not (self.active and self.remote and self._tensorboard is not None):
             return
         self._tensorboard.flush()
-        for name in (METRICS_NAME, CURVES_NAME):
+        for name in (METRICS_NAME, REJECTED_NAME, CURVES_NAME):
             if os.path.exists(os.path.join(self.run, name)):
                 with storage.Staged(storage.join(self.remote, name)) as staging:
                     shutil.copyfile(os.path.join(self.run, name), staging)
@@ -133,49 +142,129 @@ class RankZeroLog:
             shutil.copytree(os.path.join(self.run, TENSORBOARD_DIR), staging, dirs_exist_ok=True)
 
 
-def read_metrics(run: str) -> list[dict[str, float]]:
-    """The rows of ``RUN/metrics.jsonl``, a local or ``s3://`` run (empty if it has none yet).
+def _warn(message: str) -> None:
+    warnings.warn(message, MetricsWarning, stacklevel=3)
 
-    A line that is not a whole record is skipped: a rank killed while appending leaves one.
+
+class MetricsWarning(UserWarning):
+    """``metrics.jsonl`` holds a line that is not a record (other than a torn last line)."""
+
+
+@dataclass(frozen=True)
+class MetricsLines:
+    """``metrics.jsonl`` read line by line: the records, and what is not one.
+
+    ``rejected`` holds ``(line number, text, why)`` for each line that is not a record; a last
+    line without its newline that does not parse is ``torn`` instead (a writer killed mid-line).
+    """
+
+    rows: list[dict[str, float]]
+    kept: list[str]  # the text of each row's line, in order
+    rejected: list[tuple[int, str, str]]
+    torn: str | None
+
+
+def parse_metrics(data: bytes) -> MetricsLines:
+    """Split the bytes of a ``metrics.jsonl`` into records and lines that are not records."""
+    text = data.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    tail = lines.pop()  # "" when the file ends with its newline
+    rows, kept, rejected = [], [], []
+    for number, line in enumerate(lines, start=1):
+        row, why = _record(line)
+        if why is None:
+            rows.append(row)
+            kept.append(line)
+        elif line.strip():
+            rejected.append((number, line, why))
+    torn = None
+    if tail.strip():
+        row, why = _record(tail)
+        if why is None:  # whole but for its newline
+            rows.append(row)
+            kept.append(tail)
+        else:
+            torn = tail
+    return MetricsLines(rows, kept, rejected, torn)
+
+
+def _record(line: str) -> tuple[dict | None, str | None]:
+    """The record on ``line``, or why it is not one: a JSON object with an integer ``step`` of
+    at least 0 and numbers for every other value."""
+    try:
+        row = json.loads(line)
+    except ValueError as error:
+        return None, f"not JSON ({error})"
+    if not isinstance(row, dict):
+        return None, "not a JSON object"
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return None, f"its step is {step!r}, not a whole number"
+    for name, value in row.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None, f"{name!r} is {type(value).__name__}, not a number"
+    return row, None
+
+
+def _describe_rejected(url: str, rejected: list[tuple[int, str, str]]) -> str:
+    shown = "; ".join(f"line {number}: {why}" for number, _, why in rejected[:5])
+    more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
+    return f"{url}: {len(rejected)} line(s) are not records and were left out: {shown}{more}"
+
+
+def read_metrics(run: str, *, log: Callable[[str], None] = _warn) -> list[dict[str, float]]:
+    """The records of ``RUN/metrics.jsonl``, a local or ``s3://`` run (empty if none yet).
+
+    A torn last line (a rank killed while appending) is skipped quietly. Any other line that is
+    not a record is left out and reported to ``log`` with its line number (by default as a
+    :class:`MetricsWarning`).
     """
     url = storage.join(run, METRICS_NAME)
     if not storage.exists(url):
         return []
-    rows = []
-    for line in storage.read_bytes(url).decode("utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+    parsed = parse_metrics(storage.read_bytes(url))
+    if parsed.rejected:
+        log(_describe_rejected(url, parsed.rejected))
+    return parsed.rows
 
 
-def forget_steps_after(run: str, step: int) -> list[int]:
+def forget_steps_after(run: str, step: int, *, log: Callable[[str], None] = _warn
+                       ) -> list[int]:
     """Remove the records of steps after ``step`` from ``RUN/metrics.jsonl``; returns them.
 
-    A resume goes on from its checkpoint: steps logged after it were trained by a job that
-    ended without a later checkpoint (a lost node), and are trained again, so each step of
-    the file is the one the weights went through, logged once.
+    Rank 0 calls it (through :meth:`RankZeroLog.start`) wherever training goes on from a step:
+    a new run, a resume from a checkpoint, an elastic rollback to a commit. So a step trained
+    again replaces its earlier record, and each step of the file is logged once, by the
+    training that the run's weights went through. A line that is not a record, and a torn last
+    line, are never dropped: they move to ``RUN/metrics.rejected.jsonl`` (appended), and
+    ``log`` says so; the file then ends with a whole line, ready to be appended to.
     """
     url = storage.join(run, METRICS_NAME)
     if not storage.exists(url):
         return []
-    lines = storage.read_bytes(url).decode("utf-8", errors="replace").splitlines()
-    kept, dropped = [], []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a torn line, as read_metrics skips it
-        if not (isinstance(row, dict) and "step" in row):
-            continue
-        (kept if int(row["step"]) <= step else dropped).append((line, int(row["step"])))
-    if dropped:
-        with storage.Staged(url) as staging, open(staging, "w", encoding="utf-8") as handle:
-            handle.write("".join(line + "\n" for line, _ in kept))
-    return [number for _, number in dropped]
+    data = storage.read_bytes(url)
+    parsed = parse_metrics(data)
+    kept = [line for line, row in zip(parsed.kept, parsed.rows, strict=True)
+            if row["step"] <= step]
+    dropped = [int(row["step"]) for row in parsed.rows if row["step"] > step]
+    aside = [text for _, text, _ in parsed.rejected] + ([parsed.torn] if parsed.torn else [])
+    if not (dropped or aside or (data and not data.endswith(b"\n"))):
+        return []
+    if aside:
+        _set_aside(run, aside)
+        where = [f"line {number}" for number, _, _ in parsed.rejected]
+        where += ["a torn last line"] if parsed.torn else []
+        log(f"{url}: {', '.join(where)} not a record; moved to {REJECTED_NAME}")
+    with storage.Staged(url) as staging, open(staging, "w", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in kept))
+    return dropped
+
+
+def _set_aside(run: str, lines: list[str]) -> None:
+    url = storage.join(run, REJECTED_NAME)
+    before = storage.read_bytes(url) if storage.exists(url) else b""
+    with storage.Staged(url) as staging, open(staging, "wb") as handle:
+        handle.write(before + "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def plot_curves(run: str) -> str:

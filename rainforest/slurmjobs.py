@@ -23,27 +23,55 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from rainforest.errors import ParameterError
+from rainforest.errors import ParameterError, SlurmError
 
 #: Job states in which a worker job may still connect.
 LIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
-def _slurm(*command: str) -> str:
-    """A Slurm client command's output, or "" where it fails."""
+def slurm_output(*command: str, timeout: float = 30) -> str:
+    """A Slurm client command's output.
+
+    Raises
+    ------
+    SlurmError
+        Where it is not installed, times out or fails, with Slurm's own message.
+    """
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return result.stdout if result.returncode == 0 else ""
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SlurmError(f"{command[0]} is not on PATH: run this on a Slurm node") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"`{' '.join(command)}` gave no answer in {timeout:g} s") from None
+    if result.returncode != 0:
+        said = result.stderr.strip() or f"exit status {result.returncode}"
+        raise SlurmError(f"`{' '.join(command)}` failed: {said}", result.stderr)
+    return result.stdout
 
 
 def node_addresses(queue: str | None = None) -> list[str]:
-    """The addresses Slurm reaches the partition's nodes at (else its controllers')."""
-    addresses = _slurm("sinfo", "-h", "-N", "-o", "%o", *(["-p", queue] if queue else [])).split()
+    """The addresses Slurm reaches the partition's nodes at (else its controllers').
+
+    Raises
+    ------
+    SlurmError
+        Where neither ``sinfo`` nor ``scontrol show config`` answers, with what each said.
+    """
+    try:
+        addresses = slurm_output("sinfo", "-h", "-N", "-o", "%o",
+                                 *(["-p", queue] if queue else [])).split()
+    except SlurmError as error:
+        addresses, unanswered = [], str(error)
+    else:
+        unanswered = ""
     if addresses:
         return sorted(set(addresses))
-    config = _slurm("scontrol", "show", "config")
+    try:
+        config = slurm_output("scontrol", "show", "config")
+    except SlurmError as error:
+        raise SlurmError(f"--cluster slurm: Slurm names no node: {unanswered or 'sinfo: none'}; "
+                         f"{error}. Run this on a machine whose `sinfo` works (a login "
+                         "node), or pick another --cluster") from None
     hosts = re.findall(r"^SlurmctldHost\[\d+\]\s*=\s*(\S+)", config, re.MULTILINE)
     # "name(address)" or "name"
     return [host.split("(", 1)[1].rstrip(")") if "(" in host else host for host in hosts]
@@ -138,8 +166,19 @@ def check_interface(name: str, queue: str | None = None) -> None:
 # ----------------------------------------------------------------------------- worker jobs
 
 def job_facts(job_id: str) -> dict[str, str]:
-    """``scontrol show job`` as a dict (empty once Slurm has forgotten the job)."""
-    text = _slurm("scontrol", "show", "job", "-o", str(job_id))
+    """``scontrol show job`` as a dict (empty once Slurm has forgotten the job).
+
+    Raises
+    ------
+    SlurmError
+        Where Slurm cannot say (its controller is unreachable, say), with its own message.
+    """
+    try:
+        text = slurm_output("scontrol", "show", "job", "-o", str(job_id))
+    except SlurmError as error:
+        if "Invalid job id" in error.stderr:
+            return {}
+        raise
     return dict(field.split("=", 1) for field in text.split() if "=" in field)
 
 
@@ -183,6 +222,7 @@ def wait_for_worker_jobs(cluster, client, *, jobs: int, workers_per_job: int, ti
     deadline = started + timeout
     running_since: dict[str, float] = {}
     reported: dict[str, str] = {}
+    unanswered: set[str] = set()
     first_connected = None
     while True:
         names = {str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values()}
@@ -191,8 +231,14 @@ def wait_for_worker_jobs(cluster, client, *, jobs: int, workers_per_job: int, ti
                        w == name or w.startswith(f"{name}-") for w in names)}
         for job_id in missing.values():
             if job_id not in reported:
-                report = _check_job(job_id, running_since, connect_seconds,
-                                    client.scheduler.address)
+                try:
+                    report = _check_job(job_id, running_since, connect_seconds,
+                                        client.scheduler.address)
+                except SlurmError as error:  # asked again next time round
+                    if str(error) not in unanswered:
+                        unanswered.add(str(error))
+                        log(f"warning: cannot tell how worker job {job_id} is doing: {error}")
+                    continue
                 if report:
                     reported[job_id] = report
                     log(f"warning: {report}")

@@ -3,7 +3,7 @@
 Which step is fastest depends on the machine, and not in a way a rule can know: on one AMD
 EPYC (AVX512_BF16, no AMX) XLA ran our float32 step 1.2x faster than graph mode, and graph
 mode in bfloat16 1.5x faster than graph mode in float32, while bfloat16 under XLA was the
-slowest of all (README, Performance). So a run long enough to repay it times a few steps of
+slowest of all (docs/performance.md). So a run long enough to repay it times a few steps of
 each candidate, on every rank at once, and trains with the fastest. A shorter run, and an
 elastic one (whose ranks must not meet in a collective before the first commit), takes
 :func:`rule`'s choice. Every choice is logged and saved with its reason in the checkpoints,
@@ -82,7 +82,7 @@ def candidates(compile_mode: str, precision: str, gpu: bool) -> list[tuple[str, 
     """The (compile, precision) pairs worth timing for what was asked.
 
     On a CPU, XLA in bfloat16 is left out unless asked for: TensorFlow 2.18's XLA CPU runtime
-    ran it at half the speed of XLA in float32 (README, Performance), so it cannot win.
+    ran it at half the speed of XLA in float32 (docs/performance.md), so it cannot win.
     """
     compiles = TIMED_COMPILES if compile_mode == "auto" else (compile_mode,)
     if precision != "auto":
@@ -98,7 +98,7 @@ def fastest(seconds: dict[str, float]) -> tuple[str, str]:
 
     bfloat16 needs no head start: trained the same steps from the same seed, it ended level
     with float32 in held-out bits, and a trial of a few steps understated its speed over a
-    whole run (1.08-1.16x against 1.45x; README, Time to quality).
+    whole run (1.08-1.16x against 1.45x; docs/performance.md, Time to quality).
 
     >>> fastest({"graph/float32": 0.90, "xla/float32": 0.62, "graph/mixed_bfloat16": 0.58})
     ('graph', 'mixed_bfloat16')

@@ -197,25 +197,41 @@ def verified_sha256(path: str, *, trust_cache: bool = True) -> str:
     so either is hashed again even with its old mtime. What the cache cannot see is a change
     below the file system (bit rot on the disk): ``trust_cache=False`` hashes regardless.
     """
-    info = os.stat(path)
-    key = os.path.realpath(path)
-    stamp = [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
-    cache = os.path.join(cache_root(), "verified-sha256.json")
-    try:
-        with open(cache, encoding="utf-8") as handle:
-            known = json.load(handle)
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(key)
-    if trust_cache and entry and entry[:-1] == stamp:
+    known = _verified_cache()
+    entry = known.get(os.path.realpath(path))
+    if trust_cache and entry and entry[:-1] == _stamp(path):
         return entry[-1]
     digest = sha256_of(path)
-    known[key] = [*stamp, digest]
+    remember_sha256(path, digest)
+    return digest
+
+
+def remember_sha256(path: str, digest: str) -> None:
+    """Note that the local file ``path``, as it is now, hashes to ``digest`` (which the caller
+    has just computed from its bytes), for :func:`verified_sha256`."""
+    known = _verified_cache()
+    known[os.path.realpath(path)] = [*_stamp(path), digest]
     try:
-        write_json_atomic(cache, known)
+        write_json_atomic(os.path.join(cache_root(), _VERIFIED_NAME), known)
     except OSError:  # a read-only home is no reason to stop; the next run hashes again
         pass
-    return digest
+
+
+_VERIFIED_NAME = "verified-sha256.json"
+
+
+def _stamp(path: str) -> list[int]:
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
+
+
+def _verified_cache() -> dict[str, list]:
+    try:
+        with open(os.path.join(cache_root(), _VERIFIED_NAME), encoding="utf-8") as handle:
+            known = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def sha256_of(url: str) -> str:

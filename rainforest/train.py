@@ -32,7 +32,7 @@ from rainforest.config import Config, documented, setting
 from rainforest.dataset import MANIFEST_NAME, Dataset
 from rainforest.errors import CheckpointError, ParameterError, RainforestError
 from rainforest.model_config import ModelConfig, multiply_adds_per_sample, receptive_field
-from rainforest.runlog import RankZeroLog, forget_steps_after
+from rainforest.runlog import RankZeroLog
 from rainforest.sampling import WindowSampler, rank_share, split_songs, validation_windows
 from rainforest.signals import StopRequest, graceful_stop
 from rainforest.step_choice import StepChoice, choose, gpu_present, rule
@@ -448,15 +448,6 @@ def _check_resume(state: TrainingState, dataset: Dataset, manifest_digest: str, 
             "uninterrupted run")
 
 
-def _forget_lost_steps(run: str, step: int, log) -> None:
-    """A resume from a checkpoint older than the last logged step: those steps are redone."""
-    lost = forget_steps_after(run, step)
-    if lost:
-        log(f"metrics.jsonl: steps {lost[0]}-{lost[-1]} were trained after the checkpoint of "
-            f"step {step} by a run that ended without a later one; their records are removed "
-            "and the steps trained again")
-
-
 @dataclass
 class TrainingInput:
     """One rank's training windows and its part of the fixed held-out windows."""
@@ -539,8 +530,6 @@ def train(dataset_url: str, run: str, *, model_config: ModelConfig | None = None
                 stopped_by, val_bits, unigram, writer = _train_elastic(trainer, state, context,
                                                                        progress=progress)
             else:
-                if state.resumed_from and rank == 0:
-                    _forget_lost_steps(run, state.step, say)
                 writer = RankZeroLog(run, rank, progress=progress, log=log)
                 stopped_by, val_bits, unigram = _membership(trainer, state, data, writer, context)
     except BaseException:
@@ -611,7 +600,7 @@ def _train_elastic(trainer: Trainer, state: TrainingState, context: _RunContext,
 
     Returns ``(stopped_by, validation_bits, unigram_bits, writer)`` of the final membership.
     """
-    from rainforest.elastic import ElasticTrainingState, SkipLoggedSteps, weights_digest
+    from rainforest.elastic import ElasticLog, ElasticTrainingState, weights_digest
 
     hvd, log = trainer.hvd, context.log
     trainer.broadcast_done = True  # the first sync below is the broadcast
@@ -625,7 +614,7 @@ def _train_elastic(trainer: Trainer, state: TrainingState, context: _RunContext,
         rank, size = hvd.rank(), hvd.size()
         trainer.size = size  # Horovod: 3. the learning rate follows the number of ranks
         data = training_input(context.dataset, state, rank=rank, size=size)
-        writer = SkipLoggedSteps(context.run, rank, size, recent, progress=progress, log=log)
+        writer = ElasticLog(context.run, rank, size, recent, progress=progress, log=log)
         if rank == 0:
             log(f"elastic: {size} rank(s), training from step {state.step} (the last commit; "
                 f"{elastic_state.repeated} step(s) after it are done again); rank 0 trains on "

@@ -58,11 +58,16 @@ def reference_codes(path, *, sample_rate=16000, trim_db=40.0, quality="MQ") -> n
     return codes[start:stop]
 
 
-def run_cli(*args, check=True, env=None, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(*args, check=True, expect_failed_songs=False, env=None,
+            **kwargs) -> subprocess.CompletedProcess:
+    """``rainforest ARGS`` in a subprocess. With ``check`` it must exit 0, or 3 (some songs
+    failed, the rest kept) exactly when the test says it ``expect_failed_songs``."""
     result = subprocess.run([*RAINFOREST, *map(str, args)], capture_output=True, text=True,
                             env=env, **kwargs)
-    if check and result.returncode not in (0, 3):
-        raise AssertionError(f"rainforest {args} failed ({result.returncode}):\n{result.stderr}")
+    expected = 3 if expect_failed_songs else 0
+    if check and result.returncode != expected:
+        raise AssertionError(f"rainforest {args} exited {result.returncode}, not {expected}:\n"
+                             f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
 
 
@@ -224,3 +229,18 @@ def moto_requests(endpoint: str, action) -> list[dict]:
     finally:
         call("stop-recording")
     return [json.loads(line) for line in call("download-recording", "GET").splitlines()]
+
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE. The default ("rainforest", what CI runs)
+# keeps every property test quick and the same on every run (derandomised, no example
+# database); "long" gives each test 100,000 examples, random ones, remembering failures in
+# .hypothesis/ (run it with --timeout=0: a test then takes longer than pytest-timeout's 900 s).
+# A test that sets its own max_examples or deadline (tests/test_kernels.py: 60 examples, no
+# deadline) keeps them under either profile; the default derandomises it too.
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+hypothesis_settings.register_profile("rainforest", max_examples=500, deadline=None,
+                                     derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("long", max_examples=100_000, deadline=None,
+                                     print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "rainforest"))

@@ -68,18 +68,16 @@ UsePAM no
 StrictModes no
 PrintMotd no
 AcceptEnv *
-ClientAliveInterval 5
-ClientAliveCountMax 3
 """
 
+# A new cluster's ssh: no keepalives on either side (tests of a lost node check that), so
+# they show what rainforest's launchers do about a silent node by themselves.
 _SSH_CONFIG = """\
 Host *
   IdentityFile {root}/dotssh/id_key
   StrictHostKeyChecking no
   UserKnownHostsFile /dev/null
   LogLevel ERROR
-  ServerAliveInterval 5
-  ServerAliveCountMax 3
 """
 
 
@@ -267,6 +265,11 @@ class MultiNode:
                            f"{self.root}/log:\n{self.logs()}")
 
     # ------------------------------------------------------------------ use
+    def ssh_settings(self) -> str:
+        """The ssh client config and sshd config every node uses, as written."""
+        return "\n".join((self.root / name).read_text()
+                         for name in ("dotssh/config", "ssh/sshd_config"))
+
     def run(self, *command: str, host: str = "login", check: bool = True,
             **kwargs) -> subprocess.CompletedProcess:
         """``command`` on ``host`` (the login namespace by default), in ``cwd`` (default: this
@@ -354,8 +357,12 @@ class MultiNode:
                 if not self.run("squeue", "-h", check=False, timeout=20).stdout.strip():
                     break
                 time.sleep(0.3)
+        survivors = []
         for host in reversed([*self._holders]):
-            self._kill_namespace(host)
+            try:
+                self._kill_namespace(host)
+            except RuntimeError as error:  # clean up the rest first, then say so
+                survivors.append(str(error))
         for process in [*self._daemons, *self._holders.values()]:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -370,3 +377,5 @@ class MultiNode:
             subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
         self._namespaces.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+        if survivors:
+            raise RuntimeError("; ".join(survivors))

@@ -16,12 +16,31 @@ def pids(namespace: str) -> list[int]:
 
 
 def kill_all(namespace: str, seconds: float = 10) -> None:
-    """SIGKILL every process in ``namespace`` and wait (up to ``seconds``) until none is left."""
-    for pid in pids(namespace):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL every process in ``namespace`` until none is left, killing again any that
+    appear meanwhile (a daemon forking as it dies).
+
+    Raises
+    ------
+    RuntimeError
+        Naming the processes still alive after ``seconds``: a "power cut" that left some running
+        would make any test of it meaningless.
+    """
     deadline = time.monotonic() + seconds
-    while pids(namespace) and time.monotonic() < deadline:
+    while left := pids(namespace):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(left)} process(es) in namespace {namespace} survived "
+                               f"SIGKILL for {seconds} s: {', '.join(map(_describe, left))}")
         time.sleep(0.05)
+
+
+def _describe(pid: int) -> str:
+    try:
+        command = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    except OSError:
+        command = "?"
+    return f"{pid} ({command.strip()[:80]})"

@@ -192,6 +192,8 @@ def test_elastic_training_survives_a_killed_rank_and_takes_it_back(periodic_data
     assert _steps(run) == list(range(1, steps + 1))  # every step once, never backwards
     ranks = [row["ranks"] for row in rows]
     first_alone = ranks.index(1)
+    # The steps trained again after the rollback replace their first records.
+    assert first_alone == rolled_back_to, ranks
     assert set(ranks[:first_alone]) == {2} and ranks[-1] == 2
     # A join costs nothing: the survivor trains alone up to the commit that takes the joiner
     # in, and the two go on from the step after it.
@@ -262,7 +264,8 @@ def test_without_elastic_a_lost_rank_ends_the_job_promptly_and_resume_continues(
     assert [row["step"] for row in rows] == list(range(1, state.step + 6))
     assert rows[:state.step] == before[:state.step]
     if before[-1]["step"] > state.step:
-        assert f"were trained after the checkpoint of step {state.step}" in resumed.stdout
+        assert f"were trained after step {state.step}, which this run goes on from" \
+            in resumed.stdout
     after = rows[state.step:]
     # The curve continues from the checkpoint's level, far below a fresh model's first loss.
     fresh, at_checkpoint = before[0]["loss_bits"], before[state.step - 1]["loss_bits"]

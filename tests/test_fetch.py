@@ -534,7 +534,7 @@ def test_cli_fetch_from_a_csv_reports_and_exits_3_on_failures(tmp_path):
         result = run_cli("fetch", tracks, "--out", tmp_path / "songs", "--url-template",
                          server.base + "/{track_id:06d[:3]}/{track_id:06d}.mp3",
                          "--label-column", "track.genre_top", "--rate", "50", "--no-progress",
-                         "--retries", "0", env={**os.environ})
+                         "--retries", "0", env={**os.environ}, expect_failed_songs=True)
     assert result.returncode == 3, result.stderr
     assert "1 file(s) fetched" in result.stdout and "1 failed" in result.stdout
     assert "FAILED" in result.stdout and "not audio" in result.stdout

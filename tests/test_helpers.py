@@ -48,3 +48,35 @@ def test_different_bytes_below_the_top_fail(dataset_pair):
     shard.write_bytes(bytes(data))
     with pytest.raises(AssertionError, match=shard.name):
         assert_same_tree(left, right)
+
+
+def test_kill_all_fails_when_processes_in_the_namespace_outlive_it(tmp_path):
+    """A "power cut" that leaves processes running must fail the test that asked for it: here
+    a spawner outside the namespace keeps starting processes inside it."""
+    import os
+    import secrets
+    import subprocess
+
+    import netns
+
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.fail("network namespaces need root, ip and nsenter (scripts/install.sh)")
+    namespace = f"rfkill{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    spawner = subprocess.Popen(
+        ["bash", "-c", f"while true; do nsenter --net=/run/netns/{namespace} sleep 60 & "
+                       "sleep 0.02; done"])
+    try:
+        while not netns.pids(namespace):  # the event itself: a process lives there
+            assert spawner.poll() is None
+        with pytest.raises(RuntimeError, match=rf"in namespace {namespace} survived.*sleep 60"):
+            netns.kill_all(namespace, seconds=1)
+        spawner.kill()
+        spawner.wait()
+        netns.kill_all(namespace)  # with nothing starting them, they all go
+        assert netns.pids(namespace) == []
+    finally:
+        spawner.kill()
+        spawner.wait()
+        netns.kill_all(namespace)
+        subprocess.run(["ip", "netns", "delete", namespace], check=False, capture_output=True)

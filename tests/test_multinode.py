@@ -292,6 +292,33 @@ def test_a_two_node_train_job_requeued_mid_run_loses_and_repeats_no_step(nodes, 
     assert logged == list(range(1, steps + 1)), "a step was lost or repeated"
 
 
+def test_elastic_slurm_launcher_keeps_ssh_alive_where_plain_discovery_refuses(
+        nodes, local_dataset, tmp_path):
+    """A 2-node job with the cluster's own ssh config, which has no keepalives: the discovery
+    script alone refuses the other node (horovodrun's ssh would wait on it forever) and says
+    what to add; launch/elastic-slurm.sh puts rainforest's ssh first on horovodrun's PATH, so
+    the same discovery passes and elastic training runs on both nodes."""
+    assert not re.search("alive", nodes.ssh_settings(), re.I), nodes.ssh_settings()
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    discover, elastic = REPO / "launch/slurm-discover.sh", REPO / "launch/elastic-slurm.sh"
+    keepalive = f"$({VENV}/bin/rainforest hosts keepalive)"
+    script = tmp_path / "elastic.sbatch"
+    script.write_text(
+        f"#!/bin/bash\n{discover} > {tmp_path}/plain.txt 2>&1; echo $? > {tmp_path}/plain.rc\n"
+        f"PATH={keepalive}:$PATH {discover} > {tmp_path}/kept.txt\n"
+        f"exec {elastic} {local_dataset} --run {run} {' '.join(TRAIN)}\n")
+    job = nodes.submit(str(script), "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
+                       f"--chdir={tmp_path}", env=_env(nodes), cwd=str(REPO))
+    state = nodes.wait(job, timeout=400)
+    output = log.read_text() if log.exists() else "(no output file)"
+    plain = (tmp_path / "plain.txt").read_text()
+    assert (tmp_path / "plain.rc").read_text().strip() == "1", plain
+    assert "ssh to n1 has no keepalives" in plain and "ServerAliveInterval 5" in plain, plain
+    assert sorted((tmp_path / "kept.txt").read_text().split()) == ["n0:1", "n1:1"]
+    assert state == "COMPLETED", output[-4000:]
+    assert "done: step 6 on 2 rank(s)" in output, output[-4000:]
+
+
 def _logged_steps(run: Path) -> list[int]:
     return [row["step"] for row in runlog.read_metrics(str(run))]
 
@@ -354,11 +381,13 @@ def test_elastic_training_on_three_nodes_survives_a_power_cut_and_takes_the_node
         local_dataset, tmp_path):
     """Three nodes of their own (n1 loses power, then boots again): the link of n1 goes down
     first, so no peer gets a reset, then every process on n1 dies. Gloo's timeout ends the
-    collective n1 never joins, the horovodrun node's ssh keepalives (tests/multinode.py's ssh
-    config) let horovodrun see n1's rank as failed, and n0 and n2 go on from the last commit.
+    collective n1 never joins, rainforest's ssh with keepalives (elastic-local.sh puts it first
+    on horovodrun's PATH; the cluster's own ssh config has none) lets horovodrun see n1's rank
+    as failed, and n0 and n2 go on from the last commit.
     The hosts file plays the site's discovery: it drops n1 while n1 is down and lists it again
     once n1 has booted, and a rank starts there again."""
     cluster = MultiNode(3).start()
+    assert not re.search("alive", cluster.ssh_settings(), re.I), cluster.ssh_settings()
     hosts, run = tmp_path / "hosts", tmp_path / "run"
     write_hosts(hosts, "n0", "n1", "n2")
     process = _start_elastic(cluster, hosts, local_dataset, run, tmp_path / "elastic.log")
@@ -404,9 +433,10 @@ def test_elastic_training_on_three_nodes_survives_a_power_cut_and_takes_the_node
     assert f"done: step {steps} on 3 rank(s)" in text, text[-4000:]
     assert _logged_steps(run) == list(range(1, steps + 1)), "a step was lost or logged twice"
     ranks = [row["ranks"] for row in runlog.read_metrics(str(run))]
-    # A step trained again after the cut keeps its first record, from 3 ranks.
+    # A step trained again after the cut replaces its first record: from the commit on, the
+    # records are those of the 2 ranks whose weights went on.
     first_pair = ranks.index(2)
-    assert first_pair == rolled_back_to + repeated, ranks
+    assert first_pair == rolled_back_to, ranks
     assert set(ranks[:first_pair]) == {3} and set(ranks[first_pair:joined_from]) == {2}
     assert set(ranks[joined_from:]) == {3}, ranks
     digests = {m.group(1): m.group(2) for m in re.finditer(
@@ -544,6 +574,6 @@ def test_a_two_node_train_job_that_loses_a_node_ends_and_resumes_on_the_survivor
     assert re.search(rf"resuming \S+ at step {saved}\b", output), output
     assert f"done: step {saved + 15} on 1 rank(s)" in output, output
     if logged > saved:
-        assert f"metrics.jsonl: steps {saved + 1}-{logged} were trained after the checkpoint " \
-               f"of step {saved}" in output, output
+        assert f"metrics.jsonl: steps {saved + 1}-{logged} were trained after step {saved}, " \
+               "which this run goes on from" in output, output
     assert _logged_steps(run) == list(range(1, saved + 16)), "a step was lost or logged twice"

@@ -186,3 +186,35 @@ def test_s3_sources_are_read_from_their_headers(tmp_path, aws):
     assert [u["source"] for u in remote["sources"]["unreadable"]] == [
         "s3://plan-songs/music/broken.ogg"]
     assert remote["rows"] == local["rows"]
+
+
+def _corrupt_song(folder: Path) -> Path:
+    """A FLAC whose header reads (so a plan counts it) but whose frames do not decode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corrupt = audiogen.write_song(folder / "corrupt.flac", seconds=6.0, rate=44100, channels=2)
+    data = bytearray(corrupt.read_bytes())
+    data[4096:] = np.random.default_rng(0).bytes(len(data) - 4096)
+    corrupt.write_bytes(bytes(data))
+    return corrupt
+
+
+def test_a_calibration_song_that_cannot_be_preprocessed_is_refused_not_priced(tmp_path):
+    _corrupt_song(tmp_path / "songs")
+    result = run_cli("plan", tmp_path / "songs", "--workers", "1", "--json", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "calibration song corrupt.flac cannot be preprocessed" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_calibration_command_that_failed_songs_is_refused_not_priced(tmp_path):
+    """Exit status 3 (songs failed, the rest kept) is a failed calibration: its time is that
+    of less work than the songs need."""
+    from rainforest.errors import RainforestError
+    from rainforest.plan import _timed_command
+
+    folder = songs(tmp_path / "songs", seconds=(2.0,))
+    _corrupt_song(folder)
+    with pytest.raises(RainforestError, match=r"failed song\(s\), so its time cannot be priced"):
+        _timed_command(["preprocess", str(folder), "--out", str(tmp_path / "data"),
+                        "--cluster", "sync", "--no-progress"])
+    assert (tmp_path / "data" / "manifest.json").exists()  # it ran, and exited 3

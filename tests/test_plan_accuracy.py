@@ -5,7 +5,7 @@ training steps under ``horovodrun`` on one core), then real commands are timed w
 and cluster start-up included: ``preprocess`` of a small input on 1 local worker and of a
 larger one on 2, and a 2-rank ``horovodrun --gloo`` training. Each must come within the
 stated tolerance of its prediction. ``benchmarks/plan.py`` measures every combination on
-larger inputs; the README gives the errors found.
+larger inputs; docs/performance.md gives the errors found.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 #: Every whole command within this factor of its prediction (error within -67%..+200%): the
 #: start-up of Python, Dask and TensorFlow dominates commands this small, and it varies with
 #: whatever else shares the machine's cores (errors of up to -60% were measured on 2 cores
-#: shared with three other test sessions; see the README).
+#: shared with three other test sessions; see docs/performance.md).
 TOLERANCE = 3.0
 
 

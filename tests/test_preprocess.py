@@ -57,7 +57,7 @@ def test_bad_inputs_are_recorded_and_good_songs_still_processed(song_dir, tmp_pa
     audiogen.write_silent_wav(bad / "silent.wav")
     audiogen.write_truncated_mp3(bad / "cut.mp3", fraction=0.4, seconds=3.0)
     result = run_cli("preprocess", song_dir, "--out", tmp_path / "data", "--cluster", "sync",
-                     "--no-progress")
+                     "--no-progress", expect_failed_songs=True)
     assert result.returncode == 3, result.stderr
     manifest = read_manifest(str(tmp_path / "data"))
     reasons = {os.path.basename(f["source"]): f["reason"] for f in manifest["failed"]}
@@ -68,7 +68,7 @@ def test_bad_inputs_are_recorded_and_good_songs_still_processed(song_dir, tmp_pa
     assert "silent" in reasons["silent.wav"]
     kept = {os.path.basename(s["source"]): s for s in manifest["songs"]}
     assert set(kept) >= {"a.wav", "b.flac", "c.ogg", "d.mp3", "e.wav", "f.flac"}
-    # A truncated mp3 keeps what decodes, with a note (the README's promise): 40% of 3 s.
+    # A truncated mp3 keeps what decodes, with a note (docs/preprocess.md's promise): 40% of 3 s.
     assert "cut.mp3" in kept and "cut.mp3" not in reasons
     note = kept["cut.mp3"]["note"]
     assert re.fullmatch(r"truncated: decoded (\d+) of the (\d+) frames the header promised "

@@ -49,7 +49,7 @@ def option_dataset(option_songs, tmp_path_factory):
     result = run_cli("preprocess", option_songs, "--out", out, "--cluster", "sync",
                      "--no-progress", "--sample-rate", OPTIONS["sample_rate"], "--trim-db",
                      OPTIONS["trim_db"], "--quality", OPTIONS["quality"], "--min-seconds",
-                     OPTIONS["min_seconds"])
+                     OPTIONS["min_seconds"], expect_failed_songs=True)
     assert result.returncode == 3, result.stderr  # tiny.wav fails, the rest is kept
     return Dataset(str(out))
 

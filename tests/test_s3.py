@@ -54,7 +54,7 @@ def test_round_trip_through_s3(song_dir, tmp_path, s3_endpoint):
     remote = f"s3://{BUCKET}/datasets/v1"
     result = run_cli("preprocess", f"s3://{BUCKET}/songs", "--out", remote, "--cluster",
                      "local:2", "--songs-per-shard", "2", "--no-progress",
-                     env={**os.environ})
+                     env={**os.environ}, expect_failed_songs=True)
     assert result.returncode == 3, result.stderr  # the broken page fails, the rest goes on
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="datasets/v1/")
             ["Contents"]}
@@ -77,5 +77,6 @@ def test_round_trip_through_s3(song_dir, tmp_path, s3_endpoint):
                                       local_data.song_codes(local_by_id[song.id]))
 
     again = run_cli("preprocess", f"s3://{BUCKET}/songs", "--out", remote, "--cluster", "sync",
-                    "--no-progress", "--songs-per-shard", "2", "--json")
+                    "--no-progress", "--songs-per-shard", "2", "--json",
+                    expect_failed_songs=True)  # the broken page is still a failed song
     assert '"processed_songs": 0' in again.stdout  # resumed on S3 too

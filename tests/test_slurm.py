@@ -226,3 +226,19 @@ def test_train_sbatch_requeues_and_hands_the_time_limit_signal_to_its_shell():
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:TERM@120", "#SBATCH --open-mode=append"):
         assert line in text.splitlines()
     assert "--resume-if-any" in text and "trap on_term TERM" in text
+
+
+def test_cluster_slurm_without_a_controller_says_what_slurm_said(songs, tmp_path):
+    """A Slurm whose controller is not running (a configuration, no daemons): the refusal
+    quotes sinfo's and scontrol's own words instead of a guess about network interfaces."""
+    cluster = LocalSlurm(cpus=2)  # written, never started
+    try:
+        result = run_cli("preprocess", songs, "--out", tmp_path / "data", "--cluster", "slurm",
+                         "--no-progress", env=cluster.env, check=False, timeout=120)
+    finally:
+        cluster.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "`sinfo -h -N -o %o` failed: slurm_load_partitions: Unable to contact slurm " \
+           "controller" in result.stderr, result.stderr
+    assert "`scontrol show config` failed" in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists()

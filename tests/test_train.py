@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import RAINFOREST, TINY_TRAINING, checkpoint_weights, run_cli
-from rainforest import checkpoint, runlog, storage
+from rainforest import checkpoint, storage
 from rainforest.config import AudioConfig
 from rainforest.dataset import Dataset, Song
 from rainforest.errors import CheckpointError, ParameterError
@@ -224,18 +224,6 @@ def test_resume_equals_an_uninterrupted_run(periodic_dataset, tmp_path):
     losses = {m["step"]: m["loss_bits"] for m in _metrics(whole)}
     for row in _metrics(split):
         assert row["loss_bits"] == pytest.approx(losses[row["step"]], rel=1e-5)
-
-
-def test_a_resume_forgets_the_steps_logged_after_its_checkpoint(tmp_path):
-    """A job lost after its checkpoint of step 3 had logged steps 4 and 5 (and a torn line):
-    the resume trains them again, so their records go and each step stays logged once."""
-    metrics = tmp_path / runlog.METRICS_NAME
-    rows = [json.dumps({"step": step, "loss_bits": 8.0 - step}) for step in range(1, 6)]
-    metrics.write_text("\n".join(rows) + '\n{"step": 6, "loss_')
-    assert runlog.forget_steps_after(str(tmp_path), 3) == [4, 5]
-    assert metrics.read_text() == "\n".join(rows[:3]) + "\n"
-    assert runlog.forget_steps_after(str(tmp_path), 3) == []  # nothing more to forget
-    assert runlog.forget_steps_after(str(tmp_path / "new"), 0) == []  # no metrics yet
 
 
 @pytest.mark.slow

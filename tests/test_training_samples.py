@@ -4,14 +4,24 @@ A tiny conditioned model trains for 4 steps with samples at steps 2 and 4, check
 same steps, so each sample can be checked against `rainforest generate` on that step's
 checkpoint; TensorBoard's own reader finds the audio; the report's timeline is opened in
 headless Chromium; a resume never samples a step twice; an s3:// run gets its samples.
+
+The rest drive `TrainingSampler` directly, with its real sampler process, on a tiny model's
+random weights (no training needed): a sampler kept busy skips steps instead of queueing
+them; a killed sampler, a snapshot that cannot be written and a corrupt reply are each
+reported within seconds with their cause; and what the sampler prints on its fd 1 never
+reaches its replies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +31,18 @@ from test_report import CHECK_MEDIA
 
 import chromium
 from conftest import TINY_TRAINING, run_cli
-from rainforest import checkpoint, storage
+from rainforest import checkpoint, storage, training_samples
+from rainforest.config import AudioConfig
 from rainforest.generate import GenerationConfig, generate
-from rainforest.training_samples import INDEX_NAME, sampled_steps
+from rainforest.model_config import PRESETS, weight_layout
+from rainforest.training_samples import (
+    INDEX_NAME,
+    MAX_PENDING,
+    Snapshot,
+    TrainingSampler,
+    is_sampled,
+    sampled_steps,
+)
 from test_s3 import BUCKET, s3_endpoint  # noqa: F401  (the moto server fixture)
 
 pytestmark = pytest.mark.slow
@@ -188,3 +207,177 @@ def test_an_s3_run_gets_its_samples_and_their_tensorboard_audio(periodic_dataset
     assert {tag: [e.step for e in found] for tag, found in events.items()} == {
         "samples/audio": [2]}
     assert os.listdir(scratch) == []  # the sampler's snapshots and mirrors are cleaned up
+
+
+# --- TrainingSampler with its real sampler process, no training -----------------------
+
+
+def _snapshot(**replace) -> Snapshot:
+    """The tiny model's weights, random, in its own order; ``replace`` swaps arrays by name."""
+    model, rng = PRESETS["tiny"], np.random.default_rng(0)
+    weights = [(f"{owner}/{name}".lstrip("/"),
+                replace.get(name, 0.1 * rng.standard_normal(shape)))
+               for owner, items in weight_layout(model).items() for name, shape in items]
+    return Snapshot(weights, model.to_dict(), AudioConfig().to_dict())
+
+
+class _Writer:
+    """Stands in for RankZeroLog: keeps the steps of the audio summaries it is given."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def record_sample(self, step, tag, samples, rate, png) -> None:
+        self.steps.append(step)
+
+
+def _sampler(tmp_path: Path, lines: list[str], seconds: float = SECONDS) -> TrainingSampler:
+    return TrainingSampler(str(tmp_path / "run"), 1, seconds, TEMPERATURE, SEED,
+                           log=lines.append)
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch) -> Path:
+    """The temporary folder the sampler's snapshots go to, watched by the test."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setattr(training_samples, "FINISH_TIMEOUT_S", 60.0)  # a hang fails in 1 min
+    return folder
+
+
+def _timed_finish(sampler: TrainingSampler, writer) -> float:
+    started = time.monotonic()
+    sampler.finish(writer)
+    return time.monotonic() - started
+
+
+def test_a_busy_sampler_skips_steps_and_counts_them_and_a_skipped_step_is_sampled_later(
+        tmp_path, scratch):
+    lines, writer, most = [], _Writer(), [0]
+    done = threading.Event()
+
+    def watch() -> None:  # the weights files in the temporary folder, as often as it can
+        while not done.wait(0.005):
+            with contextlib.suppress(FileNotFoundError):  # a folder removed while listed
+                most[0] = max(most[0], len(list(scratch.glob("*/step-*/weights.h5"))))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    sampler = _sampler(tmp_path, lines)
+    try:
+        for step in range(1, 7):  # milliseconds apart: the sampler is still starting
+            sampler.at_step(step, 0, writer, _snapshot)
+        [behind] = [line for line in lines if "the sampler is behind" in line]
+        assert "(steps [1, 2] are still being made), so step 3 is not sampled" in behind
+        assert not is_sampled(sampler.run, 3)
+
+        def step_3_again() -> bool:  # as after an elastic rollback: step 3 is due once more
+            sampler.at_step(3, 0, writer, _snapshot)
+            return 3 in sampler.submitted
+
+        _wait_for(step_3_again, "place for step 3 once the sampler caught up")
+        sampler.finish(writer)
+    finally:
+        done.set()
+        watcher.join()
+    assert lines[-1].startswith("samples: 3 step(s) sampled into ")
+    assert lines[-1].endswith("; 3 step(s) skipped because the sampler was behind"), lines
+    assert [step for step, _ in sampled_steps(sampler.run)] == [1, 2, 3]
+    assert writer.steps == [1, 2, 3]
+    assert 1 <= most[0] <= MAX_PENDING
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_snapshot_that_cannot_be_written_fails_its_step_with_the_reason_and_no_other(
+        tmp_path, scratch):
+    lines, writer = [], _Writer()
+    sampler = _sampler(tmp_path, lines)
+    sampler.at_step(1, 0, writer, lambda: _snapshot(input_bias=np.array([object()])))
+    sampler.at_step(2, 0, writer, _snapshot)
+    assert _timed_finish(sampler, writer) < 30  # one real sample; never FINISH_TIMEOUT_S
+    assert ("note: samples of step 1 failed: its snapshot was not written (TypeError: Object "
+            "dtype dtype('O') has no native HDF5 equivalent)") in lines, lines
+    assert [step for step, _ in sampled_steps(sampler.run)] == [2] and writer.steps == [2]
+    assert lines[-1].startswith("samples: 1 step(s) sampled into ")
+    assert lines[-1].endswith("; 1 step(s) failed"), lines
+
+
+SITECUSTOMIZE = """
+import os
+import signal
+import sys
+
+
+def _mid_job(event, args):  # a step's samples are being published: mid-job
+    if event != "shutil.copytree":
+        return
+    action = os.environ["RAINFOREST_TEST_MID_JOB"]
+    if action == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    fd = 1 if action == "stdout" else int(sys.argv[sys.argv.index("--replies-fd") + 1])
+    os.write(fd, b"garbage\\n")
+
+
+sys.addaudithook(_mid_job)
+"""
+
+
+@pytest.fixture
+def mid_job(tmp_path, monkeypatch):
+    """``mid_job(action)`` makes the sampler process, while it publishes a step's samples,
+    kill itself (``"die"``), or write ``garbage`` with a raw write(2) that bypasses Python's
+    streams as a C library's printf does: to its fd 1 (``"stdout"``) or into its reply
+    channel (``"replies"``). A ``sitecustomize`` module on its PYTHONPATH does it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return lambda action: monkeypatch.setenv("RAINFOREST_TEST_MID_JOB", action)
+
+
+def test_a_sampler_killed_mid_job_is_reported_at_once_with_its_signal(tmp_path, scratch,
+                                                                      mid_job):
+    mid_job("die")
+    lines = []
+    sampler = _sampler(tmp_path, lines)
+    sampler.at_step(1, 0, _Writer(), _snapshot)
+    assert _timed_finish(sampler, _Writer()) < 30  # one real sample; never FINISH_TIMEOUT_S
+    assert ("note: the sampler stopped: the sampler process was killed by SIGKILL; steps [1] "
+            "are not sampled; no later step will be sampled") in lines, lines
+    assert lines[-1].startswith("samples: 0 step(s) sampled into ")
+    assert lines[-1].endswith("; 1 step(s) failed"), lines
+    assert list(scratch.iterdir()) == []
+
+
+def test_what_the_sampler_writes_to_its_fd_1_never_reaches_a_reply(tmp_path, scratch,
+                                                                   mid_job, capfd):
+    mid_job("stdout")
+    lines, writer = [], _Writer()
+    sampler = _sampler(tmp_path, lines)
+    sampler.at_step(1, 0, writer, _snapshot)
+    sampler.finish(writer)
+    assert not any(line.startswith("note:") for line in lines), lines
+    assert lines[-1].startswith("samples: 1 step(s) sampled into "), lines
+    assert writer.steps == [1] and is_sampled(sampler.run, 1)
+    assert "garbage\n" in capfd.readouterr().err  # it was written, to stderr
+
+
+def test_a_reply_that_is_not_json_stops_the_sampler_at_once_naming_it(tmp_path, scratch,
+                                                                    mid_job):
+    mid_job("replies")
+    lines = []
+    sampler = _sampler(tmp_path, lines)
+    sampler.at_step(1, 0, _Writer(), _snapshot)
+    assert _timed_finish(sampler, _Writer()) < 30
+    assert ("note: the sampler stopped: it wrote a reply that is not one: b'garbage\\n'; "
+            "steps [1] are not sampled; no later step will be sampled") in lines, lines
+    assert lines[-1].endswith("; 1 step(s) failed"), lines

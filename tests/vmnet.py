@@ -80,9 +80,15 @@ class VMNetwork:
         return ["ip", "netns", "exec", namespace]
 
     def stop(self) -> None:
+        survivors = []
         for namespace in self.vms.values():
-            netns.kill_all(namespace)
+            try:
+                netns.kill_all(namespace)
+            except RuntimeError as error:  # delete the rest first, then say so
+                survivors.append(str(error))
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
         # Deleting the switch takes every veth with it, this namespace's end included.
         subprocess.run(["ip", "netns", "delete", self.switch], capture_output=True)
         self.vms.clear()
+        if survivors:
+            raise RuntimeError("; ".join(survivors))
