@@ -650,5 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run_stage(name: str) -> None:
+    """``python -m rainforest.NAME ARGS`` runs ``rainforest NAME ARGS``."""
+    sys.exit(main([name, *sys.argv[1:]]))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -893,3 +893,9 @@ def labels_by_file(out: str, column: str | None = None) -> dict[str, str]:
 __all__ = ["FetchConfig", "HostLimiter", "Source", "fetch", "fetch_one", "fill_template",
            "labels_by_file", "parse_retry_after", "plan_names", "read_csv_table",
            "read_fetch_manifest", "read_sources", "safe_name"]
+
+
+if __name__ == "__main__":  # python -m rainforest.fetch ARGS is rainforest fetch ARGS
+    from rainforest.cli import run_stage
+
+    run_stage("fetch")

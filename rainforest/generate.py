@@ -306,3 +306,9 @@ def generate(run: str, out: str, config: GenerationConfig, *, progress: bool = T
     if paths:
         storage.write_json_atomic(os.path.join(out, GENERATION_NAME), summary)
     return summary
+
+
+if __name__ == "__main__":  # python -m rainforest.generate ARGS is rainforest generate ARGS
+    from rainforest.cli import run_stage
+
+    run_stage("generate")

@@ -587,3 +587,9 @@ def plot_plan(document: dict[str, Any], path: str) -> None:
 
 __all__ = ["Calibration", "PlanConfig", "format_plan", "plan", "plot_plan", "predict",
            "preprocess_seconds", "read_headers", "task_overhead", "train_seconds"]
+
+
+if __name__ == "__main__":  # python -m rainforest.plan ARGS is rainforest plan ARGS
+    from rainforest.cli import run_stage
+
+    run_stage("plan")

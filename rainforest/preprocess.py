@@ -449,3 +449,9 @@ def _summary(out: str, manifest: dict[str, Any], new_records: list[dict[str, Any
 
 
 __all__ = ["ShardWriter", "make_plan", "preprocess", "process_shard"]
+
+
+if __name__ == "__main__":  # python -m rainforest.preprocess ARGS is rainforest preprocess ARGS
+    from rainforest.cli import run_stage
+
+    run_stage("preprocess")

@@ -251,3 +251,9 @@ def report(run: str, out: str, *, dataset: str | None = None, generated: str | N
 
 
 __all__ = ["plot_hours", "report"]
+
+
+if __name__ == "__main__":  # python -m rainforest.report ARGS is rainforest report ARGS
+    from rainforest.cli import run_stage
+
+    run_stage("report")

@@ -727,3 +727,9 @@ def _banner(dataset: Dataset, state: TrainingState, size: int, data: TrainingInp
         f"{size} rank(s) x batch {config.batch_size} x {config.target_length} targets; "
         f"{config.compile}, {config.precision}; {where}"
     )
+
+
+if __name__ == "__main__":  # python -m rainforest.train ARGS is rainforest train ARGS
+    from rainforest.cli import run_stage
+
+    run_stage("train")

@@ -28,18 +28,54 @@ def test_import_rainforest_stays_light():
     assert loaded.strip() == "[]"
 
 
-def test_stage_names_are_the_functions_even_after_their_modules_load():
-    # Importing rainforest.report loads rainforest.generate, whose import would bind the
-    # module over the function of the same name.
+def test_each_stage_is_its_module_called_as_its_function_however_it_was_imported():
+    # Importing rainforest.report loads rainforest.generate first: either order binds the
+    # same callable module.
     out = _run("import sys, inspect, rainforest, rainforest.report, rainforest.train, "
                "rainforest.plan\n"
                "for name in ('fetch', 'preprocess', 'train', 'generate', 'report', 'plan'):\n"
                "    value = getattr(rainforest, name)\n"
                "    module = sys.modules['rainforest.' + name]\n"
-               "    print(name, inspect.isfunction(value), value is getattr(module, name))\n")
-    assert out.split("\n")[:-1] == [f"{name} True True" for name in
+               "    function = getattr(module, name)\n"
+               "    print(name, value is module, callable(value), inspect.isfunction(function),"
+               " inspect.signature(value) == inspect.signature(function))\n")
+    assert out.split("\n")[:-1] == [f"{name} True True True True" for name in
                                     ("fetch", "preprocess", "train", "generate", "report",
                                      "plan")]
+
+
+def test_import_as_gives_the_module_and_calling_it_runs_the_stage(tmp_path):
+    out = _run("import rainforest.plan as m, rainforest.train as t, types\n"
+               "print(isinstance(m, types.ModuleType), hasattr(m, 'PlanConfig'),"
+               " hasattr(t, 'Trainer'))\n"
+               "import rainforest\n"
+               "rainforest.plan.plan = lambda *a, **k: ('stage called with', a, k)\n"
+               "print(rainforest.plan(['x'], steps=3))\n")
+    assert out.split("\n")[:2] == ["True True True", "('stage called with', (['x'],), "
+                                                        "{'steps': 3})"]
+
+
+def test_mock_patch_of_a_stage_module_patches_what_the_stage_uses():
+    from unittest import mock
+
+    import rainforest
+    import rainforest.plan
+
+    with mock.patch("rainforest.plan.read_headers", side_effect=RuntimeError("patched")):
+        with pytest.raises(RuntimeError, match="patched"):
+            rainforest.plan(["nowhere"], rainforest.PlanConfig(), steps=1)
+    assert rainforest.plan.read_headers.__module__ == "rainforest.plan"  # restored
+
+
+@pytest.mark.parametrize("stage", ["fetch", "preprocess", "train", "generate", "report",
+                                   "plan"])
+def test_python_m_of_a_stage_module_is_its_command(stage):
+    module = subprocess.run([sys.executable, "-m", f"rainforest.{stage}", "--help"],
+                            capture_output=True, text=True, timeout=300)
+    command = subprocess.run([sys.executable, "-m", "rainforest.cli", stage, "--help"],
+                             capture_output=True, text=True, timeout=300)
+    assert module.returncode == 0, module.stderr
+    assert module.stdout == command.stdout and f"usage: rainforest {stage}" in module.stdout
 
 
 def test_unknown_names_are_attribute_errors():
