@@ -38,6 +38,13 @@ def register_tile_columns() -> int:
     return 64 if "+avx512f" in features.split(",") else 16
 
 
+def bfloat16_dot_products() -> bool:
+    """Whether this CPU has AVX512_BF16 (VDPBF16PS: two bfloat16 products added to a float32
+    per lane, twice the float32 multiply-adds of an FMA); without it the kernels emulate it."""
+    features = config.CPU_FEATURES or codegen.get_host_cpu_features()
+    return "+avx512bf16" in features.split(",")
+
+
 def jit(function):
     """Compile ``function`` with the project-wide Numba options."""
     return numba.njit(**JIT_OPTIONS)(function)

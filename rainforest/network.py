@@ -34,7 +34,10 @@ def add_weights(layer: keras.layers.Layer, entries) -> None:
 #: activation is sliced, and the skip sum is cropped once; without XLA every slice of a large
 #: activation costs about as much as a product. Both compute the same logits from the same
 #: weights; which step runs which is ``rainforest.train.network_layout``'s choice.
-LAYOUTS = ("sliced", "causal")
+#: ``"fused"``: the sliced layout's arithmetic in rainforest's own kernels, every block in one
+#: TensorFlow operation (``rainforest.stack_op``); under a bfloat16 policy its products take
+#: bfloat16 operands and sum in float32.
+LAYOUTS = ("sliced", "causal", "fused")
 
 
 class ResidualBlock(keras.layers.Layer):
@@ -128,15 +131,49 @@ class WaveNet(keras.Model):
                 raise ValueError("this model is conditioned on labels; call model(codes, labels)")
             condition = ops.take(self.label_embedding, ops.cast(labels, "int32"), axis=0)
             condition = ops.cast(condition, self.compute_dtype)
-        gate_outputs = []
-        for block in self.blocks:
-            hidden, gated = block(hidden, condition=condition)
-            gate_outputs.append(gated)
+        if self.layout == "fused":
+            skip_sum = self._fused_skip_sum(hidden, condition, target_length)
+        else:
+            gate_outputs = []
+            for block in self.blocks:
+                hidden, gated = block(hidden, condition=condition)
+                gate_outputs.append(gated)
+            skip_sum = self._skip_sum(gate_outputs, target_length)
         skip_bias = sum(b.skip_bias for b in self.blocks)
-        out = ops.relu(self._skip_sum(gate_outputs, target_length) + skip_bias)
+        out = ops.relu(skip_sum + skip_bias)
         out = ops.relu(ops.matmul(out, self.output1_kernel) + self.output1_bias)
         logits = ops.matmul(out, self.output2_kernel) + self.output2_bias
         return ops.cast(logits, "float32")
+
+    def _fused_skip_sum(self, hidden, condition, target_length):
+        """Every block in one operation of rainforest's kernels (the ``fused`` layout, which
+        runs on TensorFlow alone)."""
+        import tensorflow as tf
+
+        from rainforest.stack_op import kernel_threads, residual_stack
+
+        def stacked(name, blocks, empty_shape):
+            if not blocks:  # one block: it has no residual
+                return tf.zeros((0, *empty_shape))
+            # float32 whatever the policy: the kernels round to bfloat16 themselves
+            return tf.cast(tf.stack([getattr(b, name).value for b in blocks]), tf.float32)
+
+        r, g = self.config.residual_channels, self.config.gate_channels
+        blocks, inner = self.blocks, self.blocks[:-1]  # the last block has no residual
+        gate_bias = stacked("gate_bias", blocks, ())[None]  # (1, blocks, 2g)
+        if condition is None:
+            gate_bias = tf.repeat(gate_bias, tf.shape(hidden)[0], axis=0)
+        else:  # each item's labels shift its gate biases
+            gate_bias = gate_bias + tf.einsum("bc,kcg->bkg", tf.cast(condition, tf.float32),
+                                              stacked("condition_kernel", blocks, ()))
+        gate_kernel = tf.reshape(stacked("gate_kernel", blocks, ()), (len(blocks), 2 * r, 2 * g))
+        skip_sum = residual_stack(
+            hidden, gate_bias, gate_kernel, stacked("residual_kernel", inner, (g, r)),
+            stacked("residual_bias", inner, (r,)), stacked("skip_kernel", blocks, ()),
+            dilations=self.config.dilations, targets=int(target_length),
+            threads=kernel_threads(),
+            precision="bfloat16" if self.compute_dtype == "bfloat16" else "float32")
+        return tf.cast(skip_sum, self.compute_dtype)
 
     def _skip_sum(self, gate_outputs, target_length):
         """sum_k gated_k @ skip_kernel_k over the targets' positions (without the biases)."""

@@ -3,11 +3,13 @@
 Which step is fastest depends on the machine, and not in a way a rule can know: on one AMD
 EPYC (AVX512_BF16, no AMX) XLA ran our float32 step 1.2x faster than graph mode, and graph
 mode in bfloat16 1.5x faster than graph mode in float32, while bfloat16 under XLA was the
-slowest of all (docs/performance.md). So a run long enough to repay it times a few steps of
-each candidate, on every rank at once, and trains with the fastest. A shorter run, and an
+slowest of all (docs/performance.md); rainforest's own kernels (``--compile fused``) beat them
+all on the CPUs measured. So a run long enough to repay it times a few steps of each
+candidate, on every rank at once, and trains with the fastest; a candidate in bfloat16
+changes the numerics, so it must win by :data:`BFLOAT16_MARGIN`. A shorter run, and an
 elastic one (whose ranks must not meet in a collective before the first commit), takes
-:func:`rule`'s choice. Every choice is logged and saved with its reason in the checkpoints,
-and a resumed run keeps the choice it was started with.
+:func:`rule`'s choice. Every choice is logged and saved with its reason and timings in the
+checkpoints, and a resumed run keeps the choice it was started with.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import numpy as np
 from rainforest.model_config import ModelConfig, receptive_field
 
 #: The compile modes `--compile auto` times (eager is for debugging, never fast).
-TIMED_COMPILES = ("graph", "xla")
+TIMED_COMPILES = ("graph", "xla", "fused")
+#: How much faster than the fastest float32 step a bfloat16 one must be to be chosen: a
+#: choice that changes the numerics must not flip from one run to the next on noise.
+BFLOAT16_MARGIN = 1.10
 #: A run with fewer steps left than this takes the rule's choice: timing every candidate
 #: costs about as much as a few dozen steps (each compiles its own step).
 MEASURE_FROM_STEPS = 300
 #: Timed steps per candidate, after one untimed step that traces and compiles.
-TRIAL_STEPS = 3
+TRIAL_STEPS = 5
 #: CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic; without one, TensorFlow
 #: emulates bfloat16 and it cannot win.
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -70,11 +75,12 @@ def native_bfloat16(gpu: bool) -> bool:
 
 
 def rule(compile_mode: str, precision: str, gpu: bool) -> tuple[str, str]:
-    """The choice without timing: graph mode; bfloat16 compute on a GPU, float32 on a CPU."""
-    if compile_mode == "auto":
-        compile_mode = "graph"
+    """The choice without timing: on a CPU rainforest's fused kernels in float32, on a GPU
+    graph mode in bfloat16."""
     if precision == "auto":
         precision = "mixed_bfloat16" if gpu else "float32"
+    if compile_mode == "auto":
+        compile_mode = "fused" if (not gpu and precision == "float32") else "graph"
     return compile_mode, precision
 
 
@@ -82,9 +88,12 @@ def candidates(compile_mode: str, precision: str, gpu: bool) -> list[tuple[str, 
     """The (compile, precision) pairs worth timing for what was asked.
 
     On a CPU, XLA in bfloat16 is left out unless asked for: TensorFlow 2.18's XLA CPU runtime
-    ran it at half the speed of XLA in float32 (docs/performance.md), so it cannot win.
+    ran it at half the speed of XLA in float32 (docs/performance.md), so it cannot win. The
+    fused kernels run on a CPU only.
     """
     compiles = TIMED_COMPILES if compile_mode == "auto" else (compile_mode,)
+    if compile_mode == "auto":
+        compiles = tuple(c for c in compiles if not (gpu and c == "fused"))
     if precision != "auto":
         precisions: tuple[str, ...] = (precision,)
     else:
@@ -94,18 +103,21 @@ def candidates(compile_mode: str, precision: str, gpu: bool) -> list[tuple[str, 
 
 
 def fastest(seconds: dict[str, float]) -> tuple[str, str]:
-    """The fastest candidate (a tie goes to the first: float32 before bfloat16).
+    """The fastest candidate; one in bfloat16 only if it beats the fastest float32 one by
+    :data:`BFLOAT16_MARGIN` (a tie goes to the first listed).
 
-    bfloat16 needs no head start: trained the same steps from the same seed, it ended level
-    with float32 in held-out bits, and a trial of a few steps understated its speed over a
-    whole run (1.08-1.16x against 1.45x; docs/performance.md, Time to quality).
-
-    >>> fastest({"graph/float32": 0.90, "xla/float32": 0.62, "graph/mixed_bfloat16": 0.58})
+    >>> fastest({"graph/float32": 0.90, "xla/float32": 0.62, "graph/mixed_bfloat16": 0.55})
     ('graph', 'mixed_bfloat16')
-    >>> fastest({"xla/float32": 0.60, "graph/mixed_bfloat16": 0.60})
+    >>> fastest({"xla/float32": 0.60, "graph/mixed_bfloat16": 0.58})
     ('xla', 'float32')
     """
-    compile_mode, precision = min(seconds, key=seconds.get).split("/")
+    best = min(seconds, key=seconds.get)
+    exact = {name: value for name, value in seconds.items() if name.endswith("/float32")}
+    if exact and not best.endswith("/float32"):
+        best_exact = min(exact, key=exact.get)
+        if seconds[best] * BFLOAT16_MARGIN > seconds[best_exact]:
+            best = best_exact
+    compile_mode, precision = best.split("/")
     return compile_mode, precision
 
 

@@ -39,7 +39,7 @@ from rainforest.step_choice import StepChoice, choose, gpu_present, rule
 from rainforest.training_samples import Snapshot, TrainingSampler
 from rainforest.watchdog import arm_watchdog
 
-COMPILE_MODES = ("auto", "eager", "graph", "xla")
+COMPILE_MODES = ("auto", "eager", "graph", "xla", "fused")
 #: `train --precision`: the Keras dtype policy of the compute (weights stay float32).
 TRAINING_PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -50,12 +50,15 @@ COSINE_FLOOR = 0.1
 def network_layout(compile_mode: str, precision: str) -> str:
     """The network layout a step runs (see ``rainforest.network.LAYOUTS``).
 
-    Graph mode in bfloat16 runs the causal layout, its fastest by far. Float32 keeps the sliced
-    one: its products give the same bits on any number of threads, which lets two ranks on two
-    nodes match two ranks on one host exactly; the causal layout's oneDNN convolutions split
-    their weight-gradient sums by thread (measured: different weights after 3 steps on 1 and
-    2 cores). XLA fuses the slices, so it gains nothing from the causal layout.
+    ``--compile fused`` runs the residual stack in rainforest's own kernels (a graph-mode step
+    around them). Graph mode in bfloat16 runs the causal layout, its fastest by far. Float32
+    keeps the sliced one: its products give the same bits on any number of threads, which lets
+    two ranks on two nodes match two ranks on one host exactly; the causal layout's oneDNN
+    convolutions split their weight-gradient sums by thread (measured: different weights after
+    3 steps on 1 and 2 cores). XLA fuses the slices, so it gains nothing from the causal layout.
     """
+    if compile_mode == "fused":
+        return "fused"
     return "causal" if (compile_mode, precision) == ("graph", "mixed_bfloat16") else "sliced"
 
 
@@ -90,9 +93,11 @@ class TrainConfig(Config):
                                     "the end)")
     keep_checkpoints: int = setting(3, "checkpoints kept", flag="--keep")
     seed: int = setting(0, "seed of the weights and of the data order")
-    compile: str = setting("auto", "eager, tf.function graph, or XLA (jit_compile) steps; "
-                           "auto: a run of 300+ steps times a few steps of graph and XLA and "
-                           "takes the faster, a shorter one takes graph", choices=COMPILE_MODES)
+    compile: str = setting("auto", "eager, tf.function graph, XLA (jit_compile) steps, or "
+                           "fused: a graph step whose residual stack runs in rainforest's own "
+                           "CPU kernels; auto: a run of 300+ steps times a few steps of each "
+                           "and takes the fastest, a shorter one takes fused on a CPU and graph "
+                           "on a GPU", choices=COMPILE_MODES)
     precision: str = setting("auto", "compute dtype (weights stay float32); auto: a run of "
                              "300+ steps on a machine with native bfloat16 (GPU, AVX512_BF16, "
                              "AMX) also times mixed_bfloat16 and takes it when faster; "

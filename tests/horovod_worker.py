@@ -53,9 +53,9 @@ def main(mode: str, out: str) -> None:
         mine = np.array_split(windows.astype(np.uint8), size)[rank]
         loss, norm, _ = trainer.train_step(mine, np.zeros(mine.shape[0], np.int32), 0)
         extra = {"loss": loss, "grad_norm": norm}
-    elif mode == "cores":
+    elif mode.startswith("cores-"):  # cores-graph, cores-fused
         config = TrainConfig(seed=0, batch_size=2, target_length=TARGET, warmup_steps=0,
-                             compile="graph", precision="float32")
+                             compile=mode.split("-")[1], precision="float32")
         trainer = Trainer(model_config, config, hvd)
         rng = np.random.default_rng(7)
         for step in range(3):

@@ -211,3 +211,88 @@ def ordered_product(x, weights, scale, start):
     for k in range(weights.shape[0]):
         out = fused_multiply_add32(factors[:, k:k + 1], weights[k][None, :], out)
     return out
+
+
+def residual_stack(hidden, gate_bias, gate_kernel, residual_kernel, residual_bias, skip_kernel,
+                   dilations, targets, d_skip):
+    """The WaveNet residual stack's skip sum and every gradient, in float64, by the chain rule
+    written out block by block (the twin of ``rainforest.kernels.train_stack``).
+
+    ``hidden`` (B, n, R), ``gate_bias`` (B, L, 2G), ``gate_kernel`` (L, 2R, 2G) with the tap on
+    x[t] in rows R.., ``residual_kernel`` (L-1, G, R), ``residual_bias`` (L-1, R),
+    ``skip_kernel`` (L, G, S); ``d_skip`` (B, targets, S) is the gradient arriving at the skip
+    sum. Returns ``(skip, (d_hidden, d_gate_bias, d_gate_kernel, d_residual_kernel,
+    d_residual_bias, d_skip_kernel))``.
+    """
+    f64 = [np.asarray(a, np.float64) for a in (hidden, gate_bias, gate_kernel, residual_kernel,
+                                                residual_bias, skip_kernel, d_skip)]
+    x, bias, wg, wr, br, ws, d_skip = f64
+    layers, r, g = len(dilations), x.shape[2], wg.shape[2] // 2
+    inputs, tanhs, sigmoids, gateds = [], [], [], []
+    skip = np.zeros((x.shape[0], targets, ws.shape[2]))
+    for k, d in enumerate(dilations):
+        inputs.append(x)
+        z = x[:, :-d] @ wg[k, :r] + x[:, d:] @ wg[k, r:] + bias[:, k][:, None, :]
+        a, s = np.tanh(z[..., :g]), 1.0 / (1.0 + np.exp(-z[..., g:]))
+        gated = a * s
+        tanhs.append(a)
+        sigmoids.append(s)
+        gateds.append(gated)
+        skip += gated[:, -targets:] @ ws[k]
+        if k < layers - 1:
+            x = gated @ wr[k] + br[k] + x[:, d:]
+    grads = [np.zeros_like(v) for v in (bias, wg, wr, br, ws)]
+    d_bias, d_wg, d_wr, d_br, d_ws = grads
+    d_next = None
+    for k in range(layers - 1, -1, -1):
+        d, x, gated = dilations[k], inputs[k], gateds[k]
+        d_gated = np.zeros_like(gated)
+        d_gated[:, -targets:] += d_skip @ ws[k].T
+        d_ws[k] = np.einsum("btg,bts->gs", gated[:, -targets:], d_skip)
+        if d_next is not None:
+            d_gated += d_next @ wr[k].T
+            d_wr[k] = np.einsum("btg,btr->gr", gated, d_next)
+            d_br[k] = d_next.sum(axis=(0, 1))
+        a, s = tanhs[k], sigmoids[k]
+        dz = np.concatenate([d_gated * s * (1 - a * a), d_gated * a * s * (1 - s)], axis=-1)
+        d_bias[:, k] = dz.sum(axis=1)
+        d_wg[k, :r] = np.einsum("btr,btz->rz", x[:, :-d], dz)
+        d_wg[k, r:] = np.einsum("btr,btz->rz", x[:, d:], dz)
+        dx = np.zeros_like(x)
+        dx[:, :-d] += dz @ wg[k, :r].T
+        dx[:, d:] += dz @ wg[k, r:].T
+        if d_next is not None:
+            dx[:, d:] += d_next
+        d_next = dx
+    return skip, (d_next, d_bias, d_wg, d_wr, d_br, d_ws)
+
+
+def bfloat16_bits(values):
+    """float32 values rounded to bfloat16, ties to even, as uint16 (NaN as a quiet NaN)."""
+    values = np.asarray(values, np.float32)
+    out = []
+    for value in values.ravel().tolist():
+        if value != value:
+            out.append(0x7FC0)
+            continue
+        bits = int(np.float32(value).view(np.uint32))
+        upper, lower = bits >> 16, bits & 0xFFFF
+        if lower > 0x8000 or (lower == 0x8000 and upper & 1):
+            upper += 1
+        out.append(upper & 0xFFFF)
+    return np.array(out, np.uint16).reshape(values.shape)
+
+
+def pair_products(total, pairs, factors):
+    """What VDPBF16PS gives, lane by lane: ``total`` + odd products, then + even products, each
+    addition rounded to float32. ``pairs`` (K/2, 2N) and ``factors`` (K,) are bfloat16 bits."""
+    def widen(bits):
+        return np.float64((np.asarray(bits, np.uint32) << 16).view(np.float32))
+
+    out = np.array(total, np.float32)
+    for p in range(pairs.shape[0]):
+        for lane in range(out.shape[0]):
+            for e in (1, 0):
+                product = widen(pairs[p, 2 * lane + e]) * widen(factors[2 * p + e])  # exact
+                out[lane] = np.float32(np.float64(out[lane]) + product)
+    return out

@@ -87,14 +87,16 @@ def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(launcher, tmp_path, one
     assert moved > 20
 
 
-def test_float32_graph_training_gives_the_same_bits_on_one_core_and_on_two(tmp_path):
+@pytest.mark.parametrize("compile_mode", ["graph", "fused"])
+def test_float32_training_gives_the_same_bits_on_one_core_and_on_two(compile_mode, tmp_path):
     # What lets ranks on nodes with other core counts match ranks on one host exactly.
     assert len(os.sched_getaffinity(0)) >= 2, "this test needs 2 cores"
     weights = []
     for cores in (1, 2):
         out = tmp_path / f"cores-{cores}"
         out.mkdir()
-        subprocess.run([sys.executable, WORKER, "cores", out], env=rank_env(), check=True,
+        subprocess.run([sys.executable, WORKER, f"cores-{compile_mode}", out], env=rank_env(),
+                       check=True,
                        capture_output=True, timeout=600,
                        preexec_fn=lambda n=cores: os.sched_setaffinity(0, set(
                            sorted(os.sched_getaffinity(0))[:n])))
@@ -123,12 +125,16 @@ def test_auto_step_choice_times_every_candidate_and_both_ranks_choose_the_fastes
     choices = [json.loads(str(rank["choice"])) for rank in ranks]
     assert choices[0] == choices[1]  # the slowest rank's times, so one choice
     choice, seconds = choices[0], choices[0]["seconds"]
-    expected = ["graph/float32", "xla/float32"]
-    if native_bfloat16(False):
-        expected.append("graph/mixed_bfloat16")  # XLA in bfloat16 is slow on a CPU
+    expected = ["graph/float32", "xla/float32", "fused/float32"]
+    if native_bfloat16(False):  # XLA in bfloat16 is slow on a CPU: not timed
+        expected += ["graph/mixed_bfloat16", "fused/mixed_bfloat16"]
     assert sorted(seconds) == sorted(expected)
     assert all(value > 0 for value in seconds.values())
-    assert f"{choice['compile']}/{choice['precision']}" == min(seconds, key=seconds.get)
+    # The fastest, but bfloat16 (other numbers) only if 10% faster than every float32 step.
+    exact = min((v, k) for k, v in seconds.items() if k.endswith("/float32"))
+    fastest = min((v, k) for k, v in seconds.items())
+    chosen = fastest[1] if fastest[0] * 1.1 <= exact[0] else exact[1]
+    assert f"{choice['compile']}/{choice['precision']}" == chosen
     assert choice["reason"].startswith(f"the fastest of {len(seconds)} timed")
     # The trials leave the seeded initial weights alone.
     fresh = build_untrained_weights()

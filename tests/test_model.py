@@ -72,14 +72,17 @@ def test_receptive_field_formula_equals_the_empirical_one(name, layout):
     assert seen[0] == codes.shape[1] - rf and seen[-1] == codes.shape[1] - 1
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_both_layouts_give_the_same_logits_and_gradients(name):
+@pytest.mark.parametrize("batch, targets", [(1, 21), (3, 13)])
+@pytest.mark.parametrize("name", [*CONFIGS, "default"])
+def test_every_layout_gives_the_sliced_layouts_logits_and_gradients(name, batch, targets):
+    """The causal layout and the fused kernels (``rainforest.kernels.train_stack``) against
+    the sliced layout, at every config, conditioned or not, for one item and several."""
     import tensorflow as tf
 
-    config = CONFIGS[name]
+    config = CONFIGS.get(name) or PRESETS[name]
     rng = np.random.default_rng(4)
-    codes = rng.integers(0, 256, (2, receptive_field(config) + 20)).astype(np.int32)
-    labels = np.array([0, 2], np.int32) if config.conditioned else None
+    codes = rng.integers(0, 256, (batch, receptive_field(config) - 1 + targets))
+    labels = np.arange(batch, dtype=np.int32) % 3 if config.conditioned else None
     results = {}
     for layout in LAYOUTS:
         model = build_model(config, seed=5, layout=layout)
@@ -88,13 +91,16 @@ def test_both_layouts_give_the_same_logits_and_gradients(name):
             loss = tf.reduce_sum(tf.square(logits))
         gradients = tape.gradient(loss, [v.value for v in model.trainable_variables])
         results[layout] = (logits.numpy(), [tf.convert_to_tensor(g).numpy() for g in gradients])
-    (logits, gradients), (other_logits, other_gradients) = results.values()
-    assert logits.shape == (2, 21, config.classes)
-    np.testing.assert_allclose(other_logits, logits, rtol=1e-5, atol=1e-5)
-    for gradient, other in zip(gradients, other_gradients, strict=True):
-        scale = float(np.abs(gradient).max())
-        assert scale > 0
-        np.testing.assert_allclose(other, gradient, rtol=0, atol=1e-5 * scale)
+    logits, gradients = results["sliced"]
+    assert logits.shape == (batch, targets, config.classes)
+    for layout in LAYOUTS:
+        other_logits, other_gradients = results[layout]
+        np.testing.assert_allclose(other_logits, logits, rtol=1e-5, atol=1e-5, err_msg=layout)
+        for gradient, other in zip(gradients, other_gradients, strict=True):
+            scale = float(np.abs(gradient).max())
+            assert scale > 0
+            np.testing.assert_allclose(other, gradient, rtol=0, atol=1e-5 * scale,
+                                       err_msg=layout)
 
 
 def test_presets_are_as_documented():
@@ -159,3 +165,34 @@ def test_bad_config_spec(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(ParameterError, match="not valid JSON"):
         load_model_config(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("name", ["tiny", "conditioned"])
+def test_fused_layout_under_mixed_bfloat16_is_within_bfloat16_of_the_sliced_one(name):
+    """Under a bfloat16 policy the fused kernels take bfloat16 operands and sum in float32;
+    the sliced layout rounds every op's output to bfloat16 too: they agree to bfloat16's
+    precision, not to float32's."""
+    import keras
+    import tensorflow as tf
+
+    config = CONFIGS[name]
+    codes = np.random.default_rng(6).integers(0, 256, (2, receptive_field(config) + 30))
+    labels = np.array([0, 2], np.int32) if config.conditioned else None
+    results = {}
+    try:
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+        for layout in ("sliced", "fused"):
+            model = build_model(config, seed=3, layout=layout)
+            with tf.GradientTape() as tape:
+                logits = model(codes, labels) if config.conditioned else model(codes)
+                loss = tf.reduce_mean(tf.square(logits))
+            gradients = tape.gradient(loss, [v.value for v in model.trainable_variables])
+            results[layout] = (logits.numpy(),
+                               [tf.convert_to_tensor(g).numpy() for g in gradients])
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    (logits, grads), (fused_logits, fused_grads) = results["sliced"], results["fused"]
+    assert fused_logits.dtype == np.float32
+    assert 1e-4 < np.abs(fused_logits - logits).max() / np.abs(logits).max() < 3e-2
+    for gradient, other in zip(grads, fused_grads, strict=True):
+        assert np.linalg.norm(other - gradient) <= 0.1 * np.linalg.norm(gradient)

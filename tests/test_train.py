@@ -214,7 +214,7 @@ def test_resume_equals_an_uninterrupted_run(periodic_dataset, tmp_path):
     choices = [checkpoint.read_config(checkpoint.latest(str(run)))["data"]["step_choice"]
                for run in (whole, split)]
     assert [c["reason"].split(" are too few")[0] for c in choices] == ["16 step(s)", "8 step(s)"]
-    assert [(c["compile"], c["precision"]) for c in choices] == [("graph", "float32")] * 2
+    assert [(c["compile"], c["precision"]) for c in choices] == [("fused", "float32")] * 2
     assert "training step:" not in resumed.stdout
     a = checkpoint_weights(checkpoint.latest(str(whole)))
     b = checkpoint_weights(checkpoint.latest(str(split)))

@@ -32,6 +32,7 @@ TINY_CLIP = 1e-6
 #: name -> the one option that differs from the reference run
 RUNS = {
     "reference": [],
+    "graph": ["--compile", "graph"],
     "float32": ["--precision", "float32"],
     "bfloat16": ["--precision", "mixed_bfloat16"],
     "eager": ["--compile", "eager"],
@@ -73,7 +74,8 @@ def runs(periodic_dataset, tmp_path_factory):
 
 
 def test_every_option_is_recorded_in_the_checkpoint(runs):
-    assert runs["reference"]["train"]["compile"] == "graph"
+    assert runs["reference"]["train"]["compile"] == "fused"
+    assert runs["graph"]["train"]["compile"] == "graph"
     assert runs["eager"]["train"]["compile"] == "eager"
     assert runs["xla"]["train"]["compile"] == "xla"
     assert runs["float32"]["train"]["precision"] == "float32"
@@ -84,22 +86,24 @@ def test_every_option_is_recorded_in_the_checkpoint(runs):
 
 
 def test_auto_compile_and_precision_of_a_short_run_take_the_rule_and_say_why(runs):
-    # 3 steps are too few to time candidates: graph mode, float32 on a CPU, with the reason
-    # in the checkpoint and the log.
+    # 3 steps are too few to time candidates: the fused kernels, float32 on a CPU, with the
+    # reason in the checkpoint and the log.
     choice = runs["reference"]["choice"]
-    assert (choice["compile"], choice["precision"]) == ("graph", "float32")
+    assert (choice["compile"], choice["precision"]) == ("fused", "float32")
     assert choice["reason"].startswith(f"{STEPS} step(s) are too few to repay timing")
     assert choice["seconds"] == {}
-    assert f"training step: graph, float32: {choice['reason']}" in runs["reference"]["stdout"]
+    assert f"training step: fused, float32: {choice['reason']}" in runs["reference"]["stdout"]
     assert runs["xla"]["choice"]["precision"] == "float32"
 
 
-def test_compile_eager_and_xla_train_like_graph(runs):
+def test_compile_eager_graph_and_xla_train_like_the_fused_kernels(runs):
     reference = runs["reference"]["losses"]
     assert runs["eager"]["losses"] == pytest.approx(reference, rel=1e-5)
+    assert runs["graph"]["losses"] == pytest.approx(reference, rel=1e-5)
     assert runs["xla"]["losses"] == pytest.approx(reference, rel=1e-4)
     held = runs["reference"]["rows"][-1]["validation_bits"]
     assert runs["eager"]["rows"][-1]["validation_bits"] == pytest.approx(held, rel=1e-5)
+    assert runs["graph"]["rows"][-1]["validation_bits"] == pytest.approx(held, rel=1e-5)
     assert runs["xla"]["rows"][-1]["validation_bits"] == pytest.approx(held, rel=1e-4)
 
 
@@ -136,8 +140,8 @@ def _float64_loss_bits(run, step, dataset) -> float:
 
 
 @pytest.mark.parametrize("step", [1, 2])
-def test_compile_eager_and_xla_compute_the_float64_loss(runs, step, periodic_dataset):
-    for name in ("eager", "xla"):
+def test_compile_eager_graph_and_xla_compute_the_float64_loss(runs, step, periodic_dataset):
+    for name in ("eager", "graph", "xla"):
         exact = _float64_loss_bits(runs[name]["run"], step, periodic_dataset)
         assert runs[name]["losses"][step] == pytest.approx(exact, rel=1e-6), name
 
