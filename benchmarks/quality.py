@@ -20,7 +20,9 @@ variant, with the target and the unigram entropy) and ``quality.json`` beside th
 
 A variant is ``NAME=ARGS``: extra ``rainforest train`` options, e.g.
 ``--variant lr3e-3="--lr 3e-3"``. Without ``--variant``, one variant ``defaults``
-runs with no extra options.
+runs with no extra options. Variants that end at the same ``--steps`` are also compared step
+by step: each one's largest and mean difference in held-out bits from the first variant (the
+fused kernels against graph mode, say).
 """
 
 from __future__ import annotations
@@ -136,6 +138,25 @@ def report(name: str, result: dict, minutes: float) -> None:
               f"{verdict} (mean of the last {len(last)} measurements {sum(last) / len(last):.3f})")
 
 
+def compare_by_step(results: dict[str, dict]) -> None:
+    """Held-out bits at each step every variant measured, and each variant's largest
+    difference from the first (runs of equal ``--steps``: the same measurements, step for
+    step)."""
+    names = list(results)
+    by_step = {name: {p["step"]: p["bits"] for p in results[name]["held_out"]} for name in names}
+    steps = sorted(set.intersection(*(set(points) for points in by_step.values())))
+    if len(names) < 2 or not steps:
+        return
+    print("\nheld-out bits by step: " + ", ".join(names))
+    for step in steps:
+        print(f"  step {step:6d}: " + "  ".join(f"{by_step[n][step]:.4f}" for n in names))
+    first = names[0]
+    for name in names[1:]:
+        gaps = [by_step[name][step] - by_step[first][step] for step in steps]
+        print(f"{name} - {first}: largest {max(gaps, key=abs):+.4f} bits, mean "
+              f"{statistics.mean(gaps):+.4f} over {len(steps)} measurements")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0)
@@ -155,6 +176,7 @@ def main() -> None:
     for name, options in variants.items():
         results[name] = train_variant(dataset, os.path.join(args.out, name), options, args)
         report(name, results[name], args.minutes)
+    compare_by_step(results)
     os.makedirs(args.out, exist_ok=True)
     plot(results, os.path.join(args.out, "quality.png"), args.minutes)
     with open(os.path.join(args.out, "quality.json"), "w", encoding="utf-8") as handle:

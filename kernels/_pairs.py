@@ -126,32 +126,44 @@ def _pair_tile1(out, o, j, a, ra, ca, kpa, wa, b, rb, cb, kpb, wb, width):
     store_vector(out, o, j, c0)
 
 
-@njit(**_OPTIONS)
-def pair_product(out, o, rows, a, ra, ca, kpa, wa, b, rb, cb, kpb, wb):
-    """:func:`._tiles.product` with bfloat16 rows ``a``, ``b`` and packed weights ``wa``,
-    ``wb`` (``kpa``, ``kpb`` pairs of rows)."""
-    n = out.shape[1]
+@njit(inline="always", **_OPTIONS)
+def _pair_panel(out, o, rows, a, ra, ca, ka, wa, b, rb, cb, kb, wb, j, width):
+    """Columns j..j+width of every row: tiles of 6 rows, then single rows."""
     full = rows - rows % TILE_ROWS
     for i in range(0, full, TILE_ROWS):
-        j = 0
-        while j + 64 <= n:
-            _pair_tile6(out, o + i, j, a, ra + i, ca, kpa, wa, b, rb + i, cb, kpb, wb, 64)
-            j += 64
-        if j + 32 <= n:
-            _pair_tile6(out, o + i, j, a, ra + i, ca, kpa, wa, b, rb + i, cb, kpb, wb, 32)
-            j += 32
-        if j + 16 <= n:
-            _pair_tile6(out, o + i, j, a, ra + i, ca, kpa, wa, b, rb + i, cb, kpb, wb, 16)
+        if width == 64:
+            _pair_tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 64)
+        elif width == 32:
+            _pair_tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 32)
+        else:
+            _pair_tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 16)
     for i in range(full, rows):
+        if width == 64:
+            _pair_tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 64)
+        elif width == 32:
+            _pair_tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 32)
+        else:
+            _pair_tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 16)
+
+
+@njit(**_OPTIONS)
+def pair_product(out, o, rows, a, ra, ca, ka, wa, b, rb, cb, kb, wb):
+    """:func:`._tiles.product` with bfloat16 rows ``a``, ``b`` and packed weights ``wa``,
+    ``wb`` (``kpa``, ``kpb`` pairs of rows).
+
+    The loops run operand by operand (``a``, then ``b``), then column block by column block,
+    then tile by tile, so one panel of weights (K x 64 columns) stays in the L1 cache for all
+    the rows; each output still gets the ``a`` terms, then the ``b`` terms, in k order."""
+    n = out.shape[1]
+    for source in range(2):
         j = 0
-        while j + 64 <= n:
-            _pair_tile1(out, o + i, j, a, ra + i, ca, kpa, wa, b, rb + i, cb, kpb, wb, 64)
-            j += 64
-        if j + 32 <= n:
-            _pair_tile1(out, o + i, j, a, ra + i, ca, kpa, wa, b, rb + i, cb, kpb, wb, 32)
-            j += 32
-        if j + 16 <= n:
-            _pair_tile1(out, o + i, j, a, ra + i, ca, kpa, wa, b, rb + i, cb, kpb, wb, 16)
+        while j < n:
+            width = 64 if j + 64 <= n else (32 if j + 32 <= n else 16)
+            if source == 0 and ka > 0:
+                _pair_panel(out, o, rows, a, ra, ca, ka, wa, b, rb, cb, 0, wb, j, width)
+            elif source == 1 and kb > 0:
+                _pair_panel(out, o, rows, a, ra, ca, 0, wa, b, rb, cb, kb, wb, j, width)
+            j += width
 
 
 @njit(inline="always", **_OPTIONS)
@@ -178,6 +190,35 @@ def _pair_gradient_tile6(dw, o, j, a, ca, pairs, g, width):
 
 
 @njit(inline="always", **_OPTIONS)
+def _pair_gradient_tile4(dw, o, j, a, ca, pairs, g, width):
+    """:func:`_pair_gradient_tile6` for 4 weight rows."""
+    c0, c1 = load_vector(dw, o, j, width), load_vector(dw, o + 1, j, width)
+    c2, c3 = load_vector(dw, o + 2, j, width), load_vector(dw, o + 3, j, width)
+    for p in range(pairs):
+        v = load_pairs(g, p, 2 * j, width)
+        c0 = pair_multiply_add(c0, v, a, p, 2 * ca)
+        c1 = pair_multiply_add(c1, v, a, p, 2 * ca + 2)
+        c2 = pair_multiply_add(c2, v, a, p, 2 * ca + 4)
+        c3 = pair_multiply_add(c3, v, a, p, 2 * ca + 6)
+    store_vector(dw, o, j, c0)
+    store_vector(dw, o + 1, j, c1)
+    store_vector(dw, o + 2, j, c2)
+    store_vector(dw, o + 3, j, c3)
+
+
+@njit(inline="always", **_OPTIONS)
+def _pair_gradient_tile2(dw, o, j, a, ca, pairs, g, width):
+    """:func:`_pair_gradient_tile6` for 2 weight rows."""
+    c0, c1 = load_vector(dw, o, j, width), load_vector(dw, o + 1, j, width)
+    for p in range(pairs):
+        v = load_pairs(g, p, 2 * j, width)
+        c0 = pair_multiply_add(c0, v, a, p, 2 * ca)
+        c1 = pair_multiply_add(c1, v, a, p, 2 * ca + 2)
+    store_vector(dw, o, j, c0)
+    store_vector(dw, o + 1, j, c1)
+
+
+@njit(inline="always", **_OPTIONS)
 def _pair_gradient_tile1(dw, o, j, a, ca, pairs, g, width):
     """:func:`_pair_gradient_tile6` for one weight row."""
     c0 = load_vector(dw, o, j, width)
@@ -186,29 +227,50 @@ def _pair_gradient_tile1(dw, o, j, a, ca, pairs, g, width):
     store_vector(dw, o, j, c0)
 
 
+@njit(inline="always", **_OPTIONS)
+def _pair_gradient_columns(dw, o, height, a, ca, pairs, g):
+    """dw[o:o+height] (height 6, 4, 2 or 1) += over every column in blocks of 64, 32, 16."""
+    n = dw.shape[1]
+    j = 0
+    while j < n:
+        width = 64 if j + 64 <= n else (32 if j + 32 <= n else 16)
+        if height == 6:
+            if width == 64:
+                _pair_gradient_tile6(dw, o, j, a, ca, pairs, g, 64)
+            elif width == 32:
+                _pair_gradient_tile6(dw, o, j, a, ca, pairs, g, 32)
+            else:
+                _pair_gradient_tile6(dw, o, j, a, ca, pairs, g, 16)
+        elif height == 4:
+            if width == 64:
+                _pair_gradient_tile4(dw, o, j, a, ca, pairs, g, 64)
+            elif width == 32:
+                _pair_gradient_tile4(dw, o, j, a, ca, pairs, g, 32)
+            else:
+                _pair_gradient_tile4(dw, o, j, a, ca, pairs, g, 16)
+        elif height == 2:
+            if width == 64:
+                _pair_gradient_tile2(dw, o, j, a, ca, pairs, g, 64)
+            elif width == 32:
+                _pair_gradient_tile2(dw, o, j, a, ca, pairs, g, 32)
+            else:
+                _pair_gradient_tile2(dw, o, j, a, ca, pairs, g, 16)
+        elif width == 64:
+            _pair_gradient_tile1(dw, o, j, a, ca, pairs, g, 64)
+        elif width == 32:
+            _pair_gradient_tile1(dw, o, j, a, ca, pairs, g, 32)
+        else:
+            _pair_gradient_tile1(dw, o, j, a, ca, pairs, g, 16)
+        j += width
+
+
 @njit(**_OPTIONS)
 def pair_gradient(dw, o, k_rows, a, pairs, g):
     """dw[o:o+k_rows] += a.T @ g over ``pairs`` pairs of positions, ``a`` and ``g`` interleaved
-    by :func:`interleave_rows` (``a`` has ``k_rows`` channels)."""
-    n = dw.shape[1]
-    full = k_rows - k_rows % TILE_ROWS
-    for i in range(0, full, TILE_ROWS):
-        j = 0
-        while j + 64 <= n:
-            _pair_gradient_tile6(dw, o + i, j, a, i, pairs, g, 64)
-            j += 64
-        if j + 32 <= n:
-            _pair_gradient_tile6(dw, o + i, j, a, i, pairs, g, 32)
-            j += 32
-        if j + 16 <= n:
-            _pair_gradient_tile6(dw, o + i, j, a, i, pairs, g, 16)
-    for i in range(full, k_rows):
-        j = 0
-        while j + 64 <= n:
-            _pair_gradient_tile1(dw, o + i, j, a, i, pairs, g, 64)
-            j += 64
-        if j + 32 <= n:
-            _pair_gradient_tile1(dw, o + i, j, a, i, pairs, g, 32)
-            j += 32
-        if j + 16 <= n:
-            _pair_gradient_tile1(dw, o + i, j, a, i, pairs, g, 16)
+    by :func:`interleave_rows` (``a`` has ``k_rows`` channels), in tiles of 6 weight rows (the
+    rest in 4, 2 and 1)."""
+    i = 0
+    for height in (6, 4, 2, 1):
+        while k_rows - i >= height:
+            _pair_gradient_columns(dw, o + i, height, a, i, pairs, g)
+            i += height

@@ -63,32 +63,44 @@ def _tile1(out, o, j, a, ra, ca, ka, wa, b, rb, cb, kb, wb, width):
     store_vector(out, o, j, c0)
 
 
+@njit(inline="always", **_OPTIONS)
+def _panel(out, o, rows, a, ra, ca, ka, wa, b, rb, cb, kb, wb, j, width):
+    """Columns j..j+width of every row: tiles of 6 rows, then single rows."""
+    full = rows - rows % TILE_ROWS
+    for i in range(0, full, TILE_ROWS):
+        if width == 64:
+            _tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 64)
+        elif width == 32:
+            _tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 32)
+        else:
+            _tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 16)
+    for i in range(full, rows):
+        if width == 64:
+            _tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 64)
+        elif width == 32:
+            _tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 32)
+        else:
+            _tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 16)
+
+
 @njit(**_OPTIONS)
 def product(out, o, rows, a, ra, ca, ka, wa, b, rb, cb, kb, wb):
     """out[o:o+rows] += a[ra:ra+rows, ca:ca+ka] @ wa + b[rb:rb+rows, cb:cb+kb] @ wb, in tiles
-    of 6 rows (then single rows) and 64, 32 or 16 columns (widths are multiples of 16)."""
+    of 6 rows (then single rows) and 64, 32 or 16 columns (widths are multiples of 16).
+
+    The loops run operand by operand (``a``, then ``b``), then column block by column block,
+    then tile by tile, so one panel of weights (K x 64 columns) stays in the L1 cache for all
+    the rows; each output still gets the ``a`` terms, then the ``b`` terms, in k order."""
     n = out.shape[1]
-    full = rows - rows % TILE_ROWS
-    for i in range(0, full, TILE_ROWS):
+    for source in range(2):
         j = 0
-        while j + 64 <= n:
-            _tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 64)
-            j += 64
-        if j + 32 <= n:
-            _tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 32)
-            j += 32
-        if j + 16 <= n:
-            _tile6(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 16)
-    for i in range(full, rows):
-        j = 0
-        while j + 64 <= n:
-            _tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 64)
-            j += 64
-        if j + 32 <= n:
-            _tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 32)
-            j += 32
-        if j + 16 <= n:
-            _tile1(out, o + i, j, a, ra + i, ca, ka, wa, b, rb + i, cb, kb, wb, 16)
+        while j < n:
+            width = 64 if j + 64 <= n else (32 if j + 32 <= n else 16)
+            if source == 0 and ka > 0:
+                _panel(out, o, rows, a, ra, ca, ka, wa, b, rb, cb, 0, wb, j, width)
+            elif source == 1 and kb > 0:
+                _panel(out, o, rows, a, ra, ca, 0, wa, b, rb, cb, kb, wb, j, width)
+            j += width
 
 
 @njit(inline="always", **_OPTIONS)
@@ -115,6 +127,35 @@ def _gradient_tile6(dw, o, j, a, ra, ca, rows, g, rg, width):
 
 
 @njit(inline="always", **_OPTIONS)
+def _gradient_tile4(dw, o, j, a, ra, ca, rows, g, rg, width):
+    """:func:`_gradient_tile6` for 4 weight rows."""
+    c0, c1 = load_vector(dw, o, j, width), load_vector(dw, o + 1, j, width)
+    c2, c3 = load_vector(dw, o + 2, j, width), load_vector(dw, o + 3, j, width)
+    for t in range(rows):
+        v = load_vector(g, rg + t, j, width)
+        c0 = vector_multiply_add(c0, a[ra + t, ca], v)
+        c1 = vector_multiply_add(c1, a[ra + t, ca + 1], v)
+        c2 = vector_multiply_add(c2, a[ra + t, ca + 2], v)
+        c3 = vector_multiply_add(c3, a[ra + t, ca + 3], v)
+    store_vector(dw, o, j, c0)
+    store_vector(dw, o + 1, j, c1)
+    store_vector(dw, o + 2, j, c2)
+    store_vector(dw, o + 3, j, c3)
+
+
+@njit(inline="always", **_OPTIONS)
+def _gradient_tile2(dw, o, j, a, ra, ca, rows, g, rg, width):
+    """:func:`_gradient_tile6` for 2 weight rows."""
+    c0, c1 = load_vector(dw, o, j, width), load_vector(dw, o + 1, j, width)
+    for t in range(rows):
+        v = load_vector(g, rg + t, j, width)
+        c0 = vector_multiply_add(c0, a[ra + t, ca], v)
+        c1 = vector_multiply_add(c1, a[ra + t, ca + 1], v)
+    store_vector(dw, o, j, c0)
+    store_vector(dw, o + 1, j, c1)
+
+
+@njit(inline="always", **_OPTIONS)
 def _gradient_tile1(dw, o, j, a, ra, ca, rows, g, rg, width):
     """:func:`_gradient_tile6` for one weight row."""
     c0 = load_vector(dw, o, j, width)
@@ -123,30 +164,51 @@ def _gradient_tile1(dw, o, j, a, ra, ca, rows, g, rg, width):
     store_vector(dw, o, j, c0)
 
 
+@njit(inline="always", **_OPTIONS)
+def _gradient_columns(dw, o, height, a, ra, ca, rows, g, rg):
+    """dw[o:o+height] (height 6, 4, 2 or 1 weight rows) += a[.., ca:ca+height].T @ g, across
+    every column in blocks of 64, 32 and 16."""
+    n = dw.shape[1]
+    j = 0
+    while j < n:
+        width = 64 if j + 64 <= n else (32 if j + 32 <= n else 16)
+        if height == 6:
+            if width == 64:
+                _gradient_tile6(dw, o, j, a, ra, ca, rows, g, rg, 64)
+            elif width == 32:
+                _gradient_tile6(dw, o, j, a, ra, ca, rows, g, rg, 32)
+            else:
+                _gradient_tile6(dw, o, j, a, ra, ca, rows, g, rg, 16)
+        elif height == 4:
+            if width == 64:
+                _gradient_tile4(dw, o, j, a, ra, ca, rows, g, rg, 64)
+            elif width == 32:
+                _gradient_tile4(dw, o, j, a, ra, ca, rows, g, rg, 32)
+            else:
+                _gradient_tile4(dw, o, j, a, ra, ca, rows, g, rg, 16)
+        elif height == 2:
+            if width == 64:
+                _gradient_tile2(dw, o, j, a, ra, ca, rows, g, rg, 64)
+            elif width == 32:
+                _gradient_tile2(dw, o, j, a, ra, ca, rows, g, rg, 32)
+            else:
+                _gradient_tile2(dw, o, j, a, ra, ca, rows, g, rg, 16)
+        elif width == 64:
+            _gradient_tile1(dw, o, j, a, ra, ca, rows, g, rg, 64)
+        elif width == 32:
+            _gradient_tile1(dw, o, j, a, ra, ca, rows, g, rg, 32)
+        else:
+            _gradient_tile1(dw, o, j, a, ra, ca, rows, g, rg, 16)
+        j += width
+
+
 @njit(**_OPTIONS)
 def gradient(dw, o, k_rows, a, ra, ca, rows, g, rg):
     """dw[o:o+k_rows] += a[ra:ra+rows, ca:ca+k_rows].T @ g[rg:rg+rows]: a weight gradient's
-    part from ``rows`` positions, in tiles of 6 weight rows (then single ones) x 64, 32 or 16
-    columns."""
-    n = dw.shape[1]
-    full = k_rows - k_rows % TILE_ROWS
-    for i in range(0, full, TILE_ROWS):
-        j = 0
-        while j + 64 <= n:
-            _gradient_tile6(dw, o + i, j, a, ra, ca + i, rows, g, rg, 64)
-            j += 64
-        if j + 32 <= n:
-            _gradient_tile6(dw, o + i, j, a, ra, ca + i, rows, g, rg, 32)
-            j += 32
-        if j + 16 <= n:
-            _gradient_tile6(dw, o + i, j, a, ra, ca + i, rows, g, rg, 16)
-    for i in range(full, k_rows):
-        j = 0
-        while j + 64 <= n:
-            _gradient_tile1(dw, o + i, j, a, ra, ca + i, rows, g, rg, 64)
-            j += 64
-        if j + 32 <= n:
-            _gradient_tile1(dw, o + i, j, a, ra, ca + i, rows, g, rg, 32)
-            j += 32
-        if j + 16 <= n:
-            _gradient_tile1(dw, o + i, j, a, ra, ca + i, rows, g, rg, 16)
+    part from ``rows`` positions, in tiles of 6 weight rows (the rest in 4, 2 and 1) x 64, 32
+    or 16 columns."""
+    i = 0
+    for height in (6, 4, 2, 1):
+        while k_rows - i >= height:
+            _gradient_columns(dw, o + i, height, a, ra, ca + i, rows, g, rg)
+            i += height

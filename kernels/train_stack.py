@@ -8,24 +8,29 @@ and the output head: for block ``k`` with dilation ``d`` and input ``x`` (``n`` 
     next[t]  = residual_bias + x[t + d] + gated[t] @ Wr             (all but the last block)
     skip    += gated[t] @ Ws  over the last T positions
 
-and the stack returns ``skip`` (without the skip biases, which the head adds). Here each 6-row
-tile of a block goes through all four steps while it is in the L1 cache, and every product
-runs in register tiles of 6 rows x 64 (or 32, or 16) columns, as the generation loop's do
-(:mod:`rainforest.kernels.fused_loop`). The backward pass runs the same tiles on the
-transposed weights, and the weight gradients as register tiles of 6 weight rows x 64 columns
-summed over the positions.
+and the stack returns ``skip`` (without the skip biases, which the head adds). Each block of
+:data:`BLOCK_ROWS` positions of a layer goes through the gate product, the activation and the
+residual product while its activations are in the L2 cache; the skip sum then runs through
+every layer for a block of targets at a time, so it never goes to memory and back per layer.
+Every product runs in register tiles of 6 rows x 64 (or 32, or 16) columns, as the generation
+loop's do (:mod:`rainforest.kernels.fused_loop`; here :mod:`._tiles`, and :mod:`._pairs` for
+bfloat16). The backward pass runs the same tiles on the transposed weights, and the weight
+gradients as register tiles of 6 weight rows x 64 columns summed over the positions.
 
-Layout (float32, C-contiguous, channels padded to multiples of 16 by :func:`StackShape.pad`):
-every array is 2-D, one row per position. Layer ``k``'s input of batch item ``b`` at position
-``t`` is row ``x_offsets[k] + b * n_k + t`` of ``xs``; its gate values ``[tanh, sigmoid]``
-and gated output at position ``t < m_k`` are rows ``act_offsets[k] + b * m_k + t`` of
-``acts`` and ``gated``; weights are stacked by layer (``Wg`` rows ``k * 2R ..``).
+Layout (float32, C-contiguous, channels padded to multiples of 16: see
+:meth:`StackShape.pad_weights`): every array is 2-D, one row per position. Layer ``k``'s input
+of batch item ``b`` at position ``t`` is row ``x_offsets[k] + b * n_k + t`` of ``xs``; its
+gate values ``[tanh, sigmoid]`` and gated output at position ``t < m_k`` are rows
+``act_offsets[k] + b * m_k + t`` of ``acts`` and ``gated``; weights are stacked by layer
+(``Wg`` rows ``k * 2R ..``).
 
 Determinism: positions are cut into fixed chunks (:data:`CHUNK_ROWS`, never across a batch
 item or the skip boundary), every chunk sums its own part of each weight gradient in position
 order, and the parts are added in chunk order. Which thread ran which chunk never changes a
 bit, so 1 or 2 threads (or cores) give the same gradients.
 """
+
+import time
 
 import numba
 import numpy as np
@@ -39,14 +44,18 @@ from rainforest.kernels._pairs import (
     pair_product,
     to_bfloat16,
 )
-from rainforest.kernels._tiles import TILE_ROWS, gradient, product
+from rainforest.kernels._tiles import gradient, product
 from rainforest.kernels._validate import positive_int
 from rainforest.kernels.fused_loop import _GENERATE_OPTIONS, _sigmoid32, _tanh32
 
 _OPTIONS = _GENERATE_OPTIONS
 _PARALLEL = dict(_GENERATE_OPTIONS, parallel=True)
 
-#: Positions per task; a multiple of TILE_ROWS. Gradient parts are summed per chunk.
+#: Positions a block of work goes through every step of a pass with (a gate product, the
+#: activation, the residual product): a multiple of the register tiles' 6 rows, whose
+#: activations stay in the L2 cache while each panel of weights is in L1 for all its rows.
+BLOCK_ROWS = 48
+#: Positions per task; a multiple of BLOCK_ROWS. Gradient parts are summed per chunk.
 CHUNK_ROWS = 384
 #: Channel counts are padded to a multiple of this (one AVX-512 vector of float32).
 ALIGN = 16
@@ -105,31 +114,28 @@ def _gate(acts, gated, row, rows, channels):
 
 
 @njit(**_PARALLEL)
-def _forward(xs, acts, gated, skip, gate_bias, wg, wr, br, ws, dilations, lengths, x_offsets,
-             act_offsets, tail, pairs, x16, gated16, wg_pairs, wr_pairs, ws_pairs):
-    """Fill ``xs`` (past layer 0), ``acts``, ``gated`` and ``skip`` from layer 0's input.
+def _layers_forward(xs, acts, gated, gate_bias, wg, wr, br, dilations, lengths, x_offsets,
+                    act_offsets, tail, batch, pairs, x16, gated16, wg_pairs, wr_pairs):
+    """Fill ``xs`` (past layer 0), ``acts`` and ``gated`` from layer 0's input, block by block.
 
     With ``pairs`` the products take bfloat16 operands: ``x16`` and ``gated16`` (layer 0's
     rows of ``x16`` given) and the pair-packed weights."""
     layers = dilations.shape[0]
     r, g = xs.shape[1], gated.shape[1]
-    batch = skip.shape[0] // tail
-    skip[:] = 0.0
     for k in range(layers):
         d, n = dilations[k], lengths[k]
         m = n - d
         last = k == layers - 1
         past, current = wg[k * 2 * r:k * 2 * r + r], wg[k * 2 * r + r:(k + 1) * 2 * r]
-        residual, skip_kernel = wr[k * g:(k + 1) * g], ws[k * g:(k + 1) * g]
+        residual = wr[k * g:(k + 1) * g]
         past_p = wg_pairs[k * r:k * r + r // 2]
         current_p = wg_pairs[k * r + r // 2:(k + 1) * r]
         residual_p = wr_pairs[k * (g // 2):(k + 1) * (g // 2)]
-        skip_p = ws_pairs[k * (g // 2):(k + 1) * (g // 2)]
         chunks = _chunks(batch, m, tail)
         for q in prange(chunks.shape[0]):
             b, first, end = chunks[q, 0], chunks[q, 1], chunks[q, 2]
-            for t in range(first, end, TILE_ROWS):
-                rows = min(TILE_ROWS, end - t)
+            for t in range(first, end, BLOCK_ROWS):
+                rows = min(BLOCK_ROWS, end - t)
                 x_row = x_offsets[k] + b * n + t
                 a_row = act_offsets[k] + b * m + t
                 _copy_rows(acts, a_row, gate_bias, b * layers + k, 0, rows)
@@ -154,14 +160,34 @@ def _forward(xs, acts, gated, skip, gate_bias, wg, wr, br, ws, dilations, length
                     else:
                         product(xs, n_row, rows, gated, a_row, 0, g, residual, gated, a_row,
                                 0, 0, residual)
-                if t >= m - tail:
-                    s_row = b * tail + t - (m - tail)
-                    if pairs:
-                        pair_product(skip, s_row, rows, gated16, a_row, 0, g // 2, skip_p,
-                                     gated16, a_row, 0, 0, skip_p)
-                    else:
-                        product(skip, s_row, rows, gated, a_row, 0, g, skip_kernel, gated,
-                                a_row, 0, 0, skip_kernel)
+
+
+@njit(**_PARALLEL)
+def _skip_sum(skip, gated, ws, dilations, lengths, act_offsets, tail, pairs, gated16,
+              ws_pairs):
+    """skip = sum over the blocks of their last ``tail`` gated outputs @ their skip kernel,
+    a block of targets at a time through every block: the sum stays in the cache instead of
+    going to memory and back once per block."""
+    layers, g = dilations.shape[0], gated.shape[1]
+    batch = skip.shape[0] // tail
+    chunks = _chunks(batch, tail, tail)
+    for q in prange(chunks.shape[0]):
+        b, first, end = chunks[q, 0], chunks[q, 1], chunks[q, 2]
+        for t in range(first, end, BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, end - t)
+            s_row = b * tail + t
+            _zero_rows(skip, s_row, rows)
+            for k in range(layers):
+                m = lengths[k] - dilations[k]
+                a_row = act_offsets[k] + b * m + m - tail + t
+                if pairs:
+                    kernel = ws_pairs[k * (g // 2):(k + 1) * (g // 2)]
+                    pair_product(skip, s_row, rows, gated16, a_row, 0, g // 2, kernel, gated16,
+                                 a_row, 0, 0, kernel)
+                else:
+                    kernel = ws[k * g:(k + 1) * g]
+                    product(skip, s_row, rows, gated, a_row, 0, g, kernel, gated, a_row, 0, 0,
+                            kernel)
 
 
 @njit(inline="always", **_OPTIONS)
@@ -221,25 +247,30 @@ def _interleaved(source, row, rows):
 @njit(**_PARALLEL)
 def _layer_gradients(k, d, n, m, tail, has_next, saved, dskip, d_next, dz, transposed,
                      x_offsets, act_offsets, chunks, parts, pairs, saved16, dskip16, d_next16,
-                     dz16, transposed_pairs):
-    """Block ``k``'s dz (into ``dz``, and ``dz16`` with ``pairs``), and each chunk's part of
-    its weight and bias gradients."""
+                     dz16, transposed_pairs, dx, dx_current):
+    """Block ``k``'s dz (into ``dz``, and ``dz16`` with ``pairs``), each chunk's part of its
+    weight and bias gradients, and the two taps' parts of d x while dz is in the cache: the
+    earlier tap's (with the residual path) into ``dx`` at the same positions, the later tap's
+    into ``dx_current`` at ``d`` positions on (:func:`_input_gradient` adds them)."""
     xs, acts, gated = saved
     x16, gated16 = saved16
-    wrt, wst = transposed
-    wrt_p, wst_p = transposed_pairs
+    wgt, wrt, wst = transposed
+    wgt_p, wrt_p, wst_p = transposed_pairs
     part_wg, part_wr, part_ws, part_gb, part_br = parts
     r, g, s = xs.shape[1], gated.shape[1], dskip.shape[1]
+    g2 = 2 * g
     residual_t, skip_t = wrt[k * r:(k + 1) * r], wst[k * s:(k + 1) * s]
     residual_tp = wrt_p[k * (r // 2):(k + 1) * (r // 2)]
     skip_tp = wst_p[k * (s // 2):(k + 1) * (s // 2)]
+    past_t, current_t = wgt[k * 2 * g2:k * 2 * g2 + g2], wgt[k * 2 * g2 + g2:(k + 1) * 2 * g2]
+    past_tp, current_tp = wgt_p[k * g2:k * g2 + g], wgt_p[k * g2 + g:(k + 1) * g2]
     for q in prange(chunks.shape[0]):
         b, first, end = chunks[q, 0], chunks[q, 1], chunks[q, 2]
         in_skip = first >= m - tail
         s_first = b * tail + first - (m - tail)
-        d_gated = np.empty((TILE_ROWS, g), np.float32)
-        for t in range(first, end, TILE_ROWS):
-            rows = min(TILE_ROWS, end - t)
+        d_gated = np.empty((BLOCK_ROWS, g), np.float32)
+        for t in range(first, end, BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, end - t)
             _zero_rows(d_gated, 0, rows)
             if pairs:
                 pair_product(d_gated, 0, rows, d_next16, b * m + t, 0,
@@ -249,8 +280,22 @@ def _layer_gradients(k, d, n, m, tail, has_next, saved, dskip, d_next, dz, trans
                 product(d_gated, 0, rows, d_next, b * m + t, 0, r if has_next else 0,
                         residual_t, dskip, s_first + t - first, 0, s if in_skip else 0, skip_t)
             _gate_gradient(d_gated, acts, dz, act_offsets[k] + b * m + t, b * m + t, rows, g)
+            for i in range(rows):  # the residual path: x[t + d] went into next[t]
+                if has_next and t + i >= d:
+                    _copy_rows(dx, b * n + t + i, d_next, b * m + t + i - d, 1, 1)
+                else:
+                    _zero_rows(dx, b * n + t + i, 1)
+            _zero_rows(dx_current, b * n + t + d, rows)
             if pairs:
                 to_bfloat16(dz, b * m + t, rows, dz16, b * m + t)
+                pair_product(dx, b * n + t, rows, dz16, b * m + t, 0, g, past_tp, dz16, 0, 0, 0,
+                             past_tp)
+                pair_product(dx_current, b * n + t + d, rows, dz16, b * m + t, 0, g, current_tp,
+                             dz16, 0, 0, 0, current_tp)
+            else:
+                product(dx, b * n + t, rows, dz, b * m + t, 0, g2, past_t, dz, 0, 0, 0, past_t)
+                product(dx_current, b * n + t + d, rows, dz, b * m + t, 0, g2, current_t, dz, 0,
+                        0, 0, current_t)
         count = end - first
         x_row, a_row, z_row = x_offsets[k] + b * n + first, act_offsets[k] + b * m + first, \
             b * m + first
@@ -284,65 +329,44 @@ def _layer_gradients(k, d, n, m, tail, has_next, saved, dskip, d_next, dz, trans
 
 
 @njit(**_PARALLEL)
-def _input_gradient(k, d, n, m, has_next, dz, d_next, dx, wgt, chunks, pairs, dz16, dx16,
-                    wgt_pairs):
-    """d x of block ``k`` (and its bfloat16 copy ``dx16`` with ``pairs``): from its two taps,
-    and the residual path of the block after it."""
-    g2 = dz.shape[1]
-    past_t, current_t = wgt[k * 2 * g2:k * 2 * g2 + g2], wgt[k * 2 * g2 + g2:(k + 1) * 2 * g2]
-    past_tp = wgt_pairs[k * g2:k * g2 + g2 // 2]
-    current_tp = wgt_pairs[k * g2 + g2 // 2:(k + 1) * g2]
+def _input_gradient(d, n, m, has_next, d_next, dx, dx_current, chunks, pairs, dx16):
+    """d x of a block: ``dx`` (its earlier tap's part and the residual path, positions < m)
+    plus ``dx_current`` (its later tap's, positions >= d), and the residual path where only the
+    later tap reads; with ``pairs``, its bfloat16 copy ``dx16``."""
+    r = dx.shape[1]
     for q in prange(chunks.shape[0]):
         b, first, end = chunks[q, 0], chunks[q, 1], chunks[q, 2]
-        for t in range(first, end, TILE_ROWS):
-            rows = min(TILE_ROWS, end - t)
-            if has_next and t >= d:  # a tile never straddles d or m: see _input_chunks
-                _copy_rows(dx, b * n + t, d_next, b * m + t - d, 1, rows)
-            else:
-                _zero_rows(dx, b * n + t, rows)
-            if pairs:
-                pair_product(dx, b * n + t, rows, dz16, b * m + t, 0,
-                             g2 // 2 if t < m else 0, past_tp, dz16, b * m + t - d, 0,
-                             g2 // 2 if t >= d else 0, current_tp)
-                to_bfloat16(dx, b * n + t, rows, dx16, b * n + t)
-            else:
-                product(dx, b * n + t, rows, dz, b * m + t, 0, g2 if t < m else 0, past_t, dz,
-                        b * m + t - d, 0, g2 if t >= d else 0, current_t)
+        for p in range(b * n + first, b * n + end):
+            t = p - b * n
+            if t >= m and t < d:  # past the earlier tap, before the later one: unread
+                for c in range(r):
+                    dx[p, c] = 0.0
+            elif t >= m:  # no earlier-tap part here: only the residual path, if any
+                for c in range(r):
+                    dx[p, c] = (d_next[b * m + t - d, c] if has_next else 0.0) + \
+                        dx_current[p, c]
+            elif t >= d:
+                for c in range(r):
+                    dx[p, c] += dx_current[p, c]
+        if pairs:
+            to_bfloat16(dx, b * n + first, end - first, dx16, b * n + first)
 
 
 @njit(**_OPTIONS)
-def _backward(dskip, saved, transposed, dilations, lengths, x_offsets, act_offsets, tail,
-              grads, dz, dx, parts, pairs, saved16, dskip16, dz16, dx16, transposed_pairs):
-    """Every gradient of the stack, last block first; ``grads[0]`` gets layer 0's input's."""
-    d_hidden, d_gate_bias, d_wg, d_wr, d_br, d_ws = grads
-    wgt, wrt, wst = transposed
-    wgt_p, wrt_p, wst_p = transposed_pairs
-    layers = dilations.shape[0]
-    r, g = saved[0].shape[1], saved[2].shape[1]
-    batch = dskip.shape[0] // tail
-    for k in range(layers - 1, -1, -1):
-        d, n = dilations[k], lengths[k]
-        m = n - d
-        has_next = k < layers - 1
-        d_next, d_next16 = dx[(k + 1) % 2], dx16[(k + 1) % 2]  # what block k + 1 wrote
-        chunks = _chunks(batch, m, tail)
-        _layer_gradients(k, d, n, m, tail, has_next, saved, dskip, d_next, dz, (wrt, wst),
-                         x_offsets, act_offsets, chunks, parts, pairs, saved16, dskip16,
-                         d_next16, dz16, (wrt_p, wst_p))
-        count = chunks.shape[0]
-        part_wg, part_wr, part_ws, part_gb, part_br = parts
-        _add_parts(d_wg, k * 2 * r, part_wg, 2 * r, count)
-        _add_parts(d_wr, k * g, part_wr, g, count)
-        _add_parts(d_ws, k * g, part_ws, g, count)
-        _add_parts(d_br, k, part_br, 1, count)
-        for b in range(batch):  # each item's chunks, in order
-            d_gate_bias[b * layers + k] = 0.0
-            for q in range(count):
-                if chunks[q, 0] == b:
-                    d_gate_bias[b * layers + k] += part_gb[q]
-        _input_gradient(k, d, n, m, has_next, dz, d_next, dx[k % 2], wgt,
-                        _input_chunks(batch, n, d, m), pairs, dz16, dx16[k % 2], wgt_p)
-    d_hidden[:] = dx[0][:d_hidden.shape[0]]
+def _sum_parts(k, chunks, parts, d_wg, d_wr, d_ws, d_br, d_gate_bias, batch):
+    """Block ``k``'s gradients: the chunks' parts added in chunk order."""
+    part_wg, part_wr, part_ws, part_gb, part_br = parts
+    r, g = part_br.shape[1], d_wr.shape[0] // d_br.shape[0]
+    layers, count = d_br.shape[0], chunks.shape[0]
+    _add_parts(d_wg, k * 2 * r, part_wg, 2 * r, count)
+    _add_parts(d_wr, k * g, part_wr, g, count)
+    _add_parts(d_ws, k * g, part_ws, g, count)
+    _add_parts(d_br, k, part_br, 1, count)
+    for b in range(batch):  # each item's chunks, in order
+        d_gate_bias[b * layers + k] = 0.0
+        for q in range(count):
+            if chunks[q, 0] == b:
+                d_gate_bias[b * layers + k] += part_gb[q]
 
 
 # --- the public wrappers -----------------------------------------------------------------------
@@ -471,6 +495,7 @@ class StackBuffers:
         self.dz = np.empty((first, 2 * g), np.float32)
         self.dx = (np.empty((b * shape.positions, r), np.float32),
                    np.empty((b * shape.positions, r), np.float32))
+        self.dx_current = np.empty((b * shape.positions, r), np.float32)
         self.parts = (np.empty((chunks * 2 * r, 2 * g), np.float32),
                       np.empty((chunks * g, r), np.float32), np.empty((chunks * g, s), np.float32),
                       np.empty((chunks, 2 * g), np.float32), np.empty((chunks, r), np.float32))
@@ -511,9 +536,11 @@ def stack_forward(shape, hidden, padded_weights, buffers, *, threads=1):
         # the gate kernel's two taps are packed apart: a pair never spans them
         packed = (_pairs_of(wg, 2 * layers), _pairs_of(wr, layers), _pairs_of(ws, layers))
     numba.set_num_threads(threads)
-    _forward(buffers.xs, buffers.acts, buffers.gated, buffers.skip, bias, wg, wr, br, ws,
-             shape.dilations, shape.lengths, shape.x_offsets, shape.act_offsets, shape.targets,
-             pairs, buffers.x16, buffers.gated16, *packed)
+    _layers_forward(buffers.xs, buffers.acts, buffers.gated, bias, wg, wr, br, shape.dilations,
+                    shape.lengths, shape.x_offsets, shape.act_offsets, shape.targets,
+                    shape.batch, pairs, buffers.x16, buffers.gated16, packed[0], packed[1])
+    _skip_sum(buffers.skip, buffers.gated, ws, shape.dilations, shape.lengths,
+              shape.act_offsets, shape.targets, pairs, buffers.gated16, packed[2])
     return buffers.skip[:, :shape.channels[2]].reshape(shape.batch, shape.targets, -1)
 
 
@@ -522,6 +549,19 @@ def stack_backward(shape, d_skip, padded_weights, buffers, *, threads=1):
     the ``buffers`` of that forward: ``(d_hidden, d_gate_bias, d_gate_kernel,
     d_residual_kernel, d_residual_bias, d_skip_kernel)`` in the shapes
     :meth:`StackShape.pad_weights` was given."""
+    return _backward(shape, d_skip, padded_weights, buffers, threads, {})
+
+
+def timed_backward(shape, d_skip, padded_weights, buffers, *, threads=1) -> dict[str, float]:
+    """:func:`stack_backward`'s seconds in each of its passes (for benchmarks/train_stack.py)."""
+    seconds: dict[str, float] = {"gradients": 0.0, "part sums": 0.0, "input": 0.0}
+    _backward(shape, d_skip, padded_weights, buffers, threads, seconds)
+    return seconds
+
+
+def _backward(shape, d_skip, padded_weights, buffers, threads, seconds):
+    """Every gradient of the stack, last block first; with ``seconds`` as given, each pass's
+    time added to its entry."""
     _, wg, wr, br, ws = padded_weights
     wanted = (shape.batch, shape.targets, shape.channels[2])
     if np.shape(d_skip) != wanted:
@@ -539,14 +579,35 @@ def stack_backward(shape, d_skip, padded_weights, buffers, *, threads=1):
         to_bfloat16(dskip, 0, dskip.shape[0], dskip16, 0)
         transposed_pairs = (_pairs_of(transposed[0], 2 * layers),
                             _pairs_of(transposed[1], layers), _pairs_of(transposed[2], layers))
-    grads = (np.empty((shape.batch * shape.positions, r), np.float32),
-             np.empty((shape.batch * layers, 2 * g), np.float32),
-             np.empty((layers * 2 * r, 2 * g), np.float32), np.empty((layers * g, r), np.float32),
-             np.empty((layers, r), np.float32), np.empty((layers * g, s), np.float32))
+    d_gate_bias = np.empty((shape.batch * layers, 2 * g), np.float32)
+    d_wg = np.empty((layers * 2 * r, 2 * g), np.float32)
+    d_wr = np.empty((layers * g, r), np.float32)
+    d_br = np.empty((layers, r), np.float32)
+    d_ws = np.empty((layers * g, s), np.float32)
+    saved = (buffers.xs, buffers.acts, buffers.gated)
+    saved16 = (buffers.x16, buffers.gated16)
     numba.set_num_threads(threads)
-    _backward(dskip, (buffers.xs, buffers.acts, buffers.gated), transposed, shape.dilations,
-              shape.lengths, shape.x_offsets, shape.act_offsets, shape.targets, grads,
-              buffers.dz, buffers.dx, buffers.parts, pairs, (buffers.x16, buffers.gated16),
-              dskip16, buffers.dz16, buffers.dx16, transposed_pairs)
-    hidden = grads[0][:, :shape.channels[0]].reshape(shape.batch, shape.positions, -1)
-    return (hidden, *shape.unpad_gradients(*grads[1:]))
+    clock = time.perf_counter
+    for k in range(layers - 1, -1, -1):
+        d, n = int(shape.dilations[k]), int(shape.lengths[k])
+        m = n - d
+        has_next = k < layers - 1
+        d_next, d_next16 = buffers.dx[(k + 1) % 2], buffers.dx16[(k + 1) % 2]  # block k + 1's
+        chunks = _chunks(shape.batch, m, shape.targets)
+        started = clock()
+        _layer_gradients(k, d, n, m, shape.targets, has_next, saved, dskip, d_next, buffers.dz,
+                         transposed, shape.x_offsets, shape.act_offsets, chunks, buffers.parts,
+                         pairs, saved16, dskip16, d_next16, buffers.dz16, transposed_pairs,
+                         buffers.dx[k % 2], buffers.dx_current)
+        summed = clock()
+        _sum_parts(k, chunks, buffers.parts, d_wg, d_wr, d_ws, d_br, d_gate_bias, shape.batch)
+        inputs = clock()
+        _input_gradient(d, n, m, has_next, d_next, buffers.dx[k % 2], buffers.dx_current,
+                        _input_chunks(shape.batch, n, d, m), pairs, buffers.dx16[k % 2])
+        if seconds:
+            seconds["gradients"] += summed - started
+            seconds["part sums"] += inputs - summed
+            seconds["input"] += clock() - inputs
+    d_hidden = buffers.dx[0][:shape.batch * shape.positions]
+    hidden = d_hidden[:, :shape.channels[0]].reshape(shape.batch, shape.positions, -1).copy()
+    return (hidden, *shape.unpad_gradients(d_gate_bias, d_wg, d_wr, d_br, d_ws))

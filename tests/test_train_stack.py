@@ -39,9 +39,19 @@ def _inputs(dilations, batch, targets, r, g, s, seed=0):
             normal(layers, g, s, scale=g ** -0.5), normal(batch, targets, s))
 
 
+def _poisoned(buffers):
+    """Every float32 buffer filled with NaN, so a value the kernels read before writing shows
+    (fresh memory is often zeros, which would hide it)."""
+    for value in vars(buffers).values():
+        for array in value if isinstance(value, tuple) else (value,):
+            if isinstance(array, np.ndarray) and array.dtype == np.float32:
+                array.fill(np.nan)
+    return buffers
+
+
 def _run(shape, hidden, weights, d_skip, threads=1):
     padded = shape.pad_weights(*weights)
-    buffers = StackBuffers(shape)
+    buffers = _poisoned(StackBuffers(shape))
     skip = stack_forward(shape, hidden, padded, buffers, threads=threads).copy()
     return skip, stack_backward(shape, d_skip, padded, buffers, threads=threads)
 
@@ -52,7 +62,8 @@ def _run(shape, hidden, weights, d_skip, threads=1):
     ((3, 1, 5), 3, 11, (12, 20, 24)),   # odd dilations, channels padded inside
     ((4,), 2, 7, (16, 16, 16)),         # one block: no residual
     ((1, 2, 1), 1, 2 * CHUNK_ROWS + 9, (16, 48, 16)),  # several chunks per item
-], ids=["tiny", "two-stacks", "odd", "one-block", "chunks"])
+    ((1, 200, 2), 2, 13, (16, 16, 16)),  # a dilation past the targets: positions no tap reads
+], ids=["tiny", "two-stacks", "odd", "one-block", "chunks", "wide-dilation"])
 def test_skip_sum_and_every_gradient_match_the_float64_chain_rule(dilations, batch, targets,
                                                                   channels):
     shape, hidden, *weights, d_skip = _inputs(dilations, batch, targets, *channels)
@@ -118,7 +129,7 @@ def test_arrays_of_the_wrong_shape_are_refused_by_name():
 
 def _run_bfloat16(shape, hidden, weights, d_skip, threads=1):
     padded = shape.pad_weights(*weights)
-    buffers = StackBuffers(shape, "bfloat16")
+    buffers = _poisoned(StackBuffers(shape, "bfloat16"))
     skip = stack_forward(shape, hidden, padded, buffers, threads=threads).copy()
     return skip, stack_backward(shape, d_skip, padded, buffers, threads=threads)
 
@@ -127,7 +138,8 @@ def _run_bfloat16(shape, hidden, weights, d_skip, threads=1):
     ((1, 2, 4), 2, 37, (16, 16, 32)),
     ((3, 1, 5), 3, 11, (12, 20, 24)),
     ((1, 2, 1), 1, 2 * CHUNK_ROWS + 9, (16, 48, 16)),
-], ids=["tiny", "odd", "chunks"])
+    ((1, 200, 2), 2, 13, (16, 16, 16)),
+], ids=["tiny", "odd", "chunks", "wide-dilation"])
 def test_bfloat16_products_are_within_bfloat16_rounding_of_the_chain_rule(dilations, batch,
                                                                           targets, channels):
     shape, hidden, *weights, d_skip = _inputs(dilations, batch, targets, *channels)
