@@ -370,7 +370,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     train = given(args, TrainConfig)
     document = plan(args.sources, PlanConfig(**given(args, PlanConfig)),
                     steps=train.get("steps", TrainConfig().steps), audio=_audio_config(args),
-                    train=train, model=args.config or "default", earlier=args.earlier,
+                    train=train, model=args.config, earlier=args.earlier,
                     # with --json, stdout carries the JSON alone
                     log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
     if args.png:
@@ -386,25 +386,30 @@ def _add_plan(commands) -> None:
 
     pl = commands.add_parser(
         "plan", help="predict the time and money of preprocessing and training, before a run",
-        description="Read the sources' sizes and durations from their headers (no decoding; "
-                    "local paths and s3://), calibrate on this machine (a few songs "
-                    "preprocessed, a few training steps of the chosen config on one core) or "
-                    "take the figures of an earlier run or plan (--from), and print for each "
-                    "worker and rank count: hours of audio, predicted preprocessing time and "
-                    "parallel efficiency, training time for --steps, core-hours and, with "
-                    "--price-per-hour, the money. The model and its measured error are in "
-                    "docs/plan.md and docs/performance.md; its assumptions are printed with the "
-                    "figures.",
+        description="Read the sources' sizes, durations and codecs from their headers (no "
+                    "decoding; local paths and s3://), calibrate on this machine (a song of "
+                    "each codec preprocessed; whole training commands of the chosen settings "
+                    "on one rank and on as many as this machine holds, with the run's step "
+                    "choice, held-out measurements and checkpoints) or take the figures of an "
+                    "earlier run or plan (--from), and print for each worker and rank count: "
+                    "hours of audio, predicted preprocessing time and parallel efficiency, "
+                    "training time for --steps (or the steps that fit --hours), core-hours, "
+                    "with --price-per-hour the money, and with a run's held-out curve (--from "
+                    "RUN) the bits per sample it would reach. The model and its measured error "
+                    "are in docs/plan.md and docs/performance.md; its assumptions are printed "
+                    "with the figures.",
     )
     pl.add_argument("sources", nargs="+", metavar="SRC",
                     help="song files, folders (searched recursively) or URLs such as "
                          "s3://bucket/songs/")
     pl.add_argument("--from", dest="earlier", action="append", default=[],
                     metavar="RUN|PLAN.json",
-                    help="take the figures of a run folder (training step time) or of an earlier "
+                    help="take the figures of a run folder (its step time, held-out "
+                         "measurements, checkpoints and held-out curve) or of an earlier "
                          "`rainforest plan --json` output instead of calibrating (repeatable)")
     pl.add_argument("--config", metavar="NAME|FILE.json",
-                    help="model config to calibrate training on (default: 'default')")
+                    help="model config to calibrate training on (default: a --from run's model, "
+                         "else 'default')")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--png", metavar="PATH", help="plot predicted time against workers here")
     add_config_options(pl, PlanConfig, title="plan")

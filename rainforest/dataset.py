@@ -221,7 +221,8 @@ class Dataset:
             path = self._local_copy(url, self.shards[name]) if storage.is_remote(url) else url
             try:
                 codes = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, EOFError, SyntaxError, tokenize.TokenError) as problem:
+            except (ValueError, TypeError, EOFError, SyntaxError, RecursionError,
+                    tokenize.TokenError) as problem:  # what numpy's header parsing raises
                 raise DatasetFormatError(f"{url} is not a shard of codes ({problem}); the dataset "
                                          f"is damaged. {_REBUILD}") from None
             if codes.dtype != np.uint8 or codes.ndim != 1:
@@ -387,7 +388,7 @@ def shard_record(name: str, writer: ShardWriter, *, size: int, sha256: str | Non
 def read_shard_records(out: str) -> dict[str, dict[str, Any]]:
     """The records of the shards already written, by shard name."""
     shard_dir = storage.join(out, SHARD_DIR)
-    records = {}
+    records, samples = {}, 0
     for name in storage.list_names(shard_dir):
         if name.startswith(SHARD_PREFIX) and name.endswith(RECORD_SUFFIX):
             url = storage.join(shard_dir, name)
@@ -395,6 +396,9 @@ def read_shard_records(out: str) -> dict[str, dict[str, Any]]:
                                    error=DatasetFormatError, advice=_ADVICE,
                                    missing=f"{url} vanished while it was read")
             _check_record(record, name[: -len(RECORD_SUFFIX)], url)
+            samples += record["samples"]
+            if not NATURAL.test(samples):  # the manifest adds them up
+                _refuse(url, f"its {record['samples']} codes take the dataset past 2**63 - 1")
             records[record["name"]] = record
     return records
 
@@ -408,6 +412,10 @@ def _check_record(record: dict[str, Any], name: str, url: str) -> None:
     if record["name"] != name or record["path"] != codes or (codes and not record["sha256"]):
         _refuse(url, f"it records shard {record['name']!r} at {record['path']!r}, not this "
                      f"file's shard {name!r} at {codes!r} with its sha256")
+    if (record["bytes"], record["samples"]) != ((_NPY_HEADER_BYTES + record["samples"],
+                                                 record["samples"]) if codes else (0, 0)):
+        _refuse(url, f"its {record['samples']} codes do not fill its {record['bytes']} bytes "
+                     f"(a {_NPY_HEADER_BYTES}-byte header, then a byte a code)")
     _check_songs(record["songs"], {name: record["samples"]}, url, recorded=True)
     for index, failure in enumerate(record["failed"]):
         _check(failure, {**_FAILED, **_RECORDED}, url, f"failure {index}")

@@ -55,7 +55,7 @@ from rainforest.dataset import (
 from rainforest.errors import RainforestError
 from rainforest.fetch import FETCH_NAME, read_fetch_manifest
 from rainforest.model_config import ModelConfig
-from rainforest.plan import Calibration, PlanConfig, format_plan, from_earlier, plan
+from rainforest.plan import PlanConfig, format_plan, from_earlier, plan
 
 pytestmark = pytest.mark.slow  # some seconds per test under the default profile
 
@@ -204,9 +204,16 @@ def test_a_damaged_latest_pointer_names_a_checkpoint_of_the_run_or_is_refused(po
 
 # --- plan --from: the output of `rainforest plan --json` -------------------------------------
 
-FIGURES = {"seconds_per_audio_second": 0.002, "task_overhead_seconds": 0.05,
-           "preprocess_fixed_seconds": 4.0, "step_seconds": 0.25, "train_fixed_seconds": 9.0,
-           "batch_size": 2, "target_length": 1024, "model": "tiny", "source": "a test"}
+RUN = {"ranks": 1, "step_seconds": 0.25, "allreduce_seconds": 0.0, "start_seconds": 9.0,
+       "validation_seconds": 1.5, "validation_trace_seconds": 0.5, "validation_passes": 16,
+       "checkpoint_seconds": 0.3, "sample_seconds": 0.0, "end_seconds": 2.0}
+FIGURES = {"preprocessing": {"decode_seconds": {"WAV": 0.002}, "hash_seconds_per_byte": 1e-9,
+                             "task_overhead_seconds": 0.05, "fixed_seconds": 4.0,
+                             "source": "a test"},
+           "training": {"model": "tiny", "batch_size": 2, "target_length": 1024,
+                        "step_choice": "fused/float32", "gradient_bytes": 129664,
+                        "runs": [RUN, {**RUN, "ranks": 2, "allreduce_seconds": 0.01}],
+                        "source": "a test"}}
 
 
 @dataclass
@@ -232,7 +239,7 @@ def plan_inputs(tmp_path_factory) -> PlanInputs:
     song = root / "song.wav"
     soundfile.write(song, np.sin(np.arange(8000) / 9.0).astype(np.float32) / 2, 8000)
     figures = root / "figures.json"
-    figures.write_text(json.dumps({"format": "rainforest-plan", "version": 1,
+    figures.write_text(json.dumps({"format": "rainforest-plan", "version": 2,
                                    "calibration": FIGURES}))
     printed = root / "plan.json"
     print_plan(printed_plan(str(song), [str(figures)]), printed)
@@ -246,28 +253,39 @@ def use_earlier_plan(inputs: PlanInputs, path: str) -> dict:
     return found
 
 
+TIMES = st.floats(0.0, 1e6)
+RUNS = st.fixed_dictionaries({
+    "ranks": st.integers(1, 64), "validation_passes": st.integers(0, 1000),
+    **{name: TIMES for name in RUN if name not in ("ranks", "validation_passes")}})
 CALIBRATIONS = st.fixed_dictionaries({
-    **{name: st.floats(0.0, 1e6) for name in ("seconds_per_audio_second",
-                                              "task_overhead_seconds",
-                                              "preprocess_fixed_seconds", "step_seconds",
-                                              "train_fixed_seconds")},
-    "batch_size": st.integers(1, 2**20), "target_length": st.integers(1, 2**20),
-    "model": st.text(), "source": st.text()})
+    "preprocessing": st.fixed_dictionaries({
+        "decode_seconds": st.dictionaries(st.text(), TIMES).map(
+            lambda codecs: {**codecs, "WAV": 0.003}),  # the song's codec, always priced
+        **{name: TIMES for name in ("hash_seconds_per_byte", "task_overhead_seconds",
+                                    "fixed_seconds")},
+        "source": st.text()}),
+    "training": st.fixed_dictionaries({
+        "model": st.text(), "batch_size": st.integers(1, 2**20),
+        "target_length": st.integers(1, 2**20), "step_choice": st.text(),
+        "gradient_bytes": st.integers(0, 2**40), "runs": st.lists(RUNS, min_size=1, max_size=3),
+        "source": st.text()})})
 
 
 @given(CALIBRATIONS)
 def test_plans_printed_by_plan_json_read_back_exactly_with_from(plan_inputs, figures):
     with Scratch() as root:
         earlier = root / "earlier.json"
-        earlier.write_text(json.dumps({"format": "rainforest-plan", "version": 1,
+        earlier.write_text(json.dumps({"format": "rainforest-plan", "version": 2,
                                        "calibration": figures}))
         document = printed_plan(plan_inputs.song, [str(earlier)])
         printed = root / "plan.json"
         print_plan(document, printed)
         found = from_earlier(str(printed))
-        assert found == {**document["calibration"], "source": f"{printed} (an earlier plan)"}
-        assert {k: v for k, v in found.items() if k != "source"} == {
-            k: v for k, v in figures.items() if k != "source"}
+        assert found == document["calibration"]
+        runs = sorted(figures["training"]["runs"], key=lambda run: run["ranks"])
+        unmeasured = {"s3_latency_seconds": None, "s3_bytes_per_second": None}  # local songs
+        assert found == {"preprocessing": {**figures["preprocessing"], **unmeasured},
+                         "training": {**figures["training"], "runs": runs}}
         again = printed_plan(plan_inputs.song, [str(printed)])
         assert again["rows"] == document["rows"]
 
@@ -281,10 +299,10 @@ def test_a_damaged_plan_gives_usable_figures_or_is_refused_naming_it(plan_inputs
         path.write_bytes(damage)
         before = tree(root)
         found = outcome(lambda: use_earlier_plan(plan_inputs, str(path)), names=str(path))
-        if not header_ok(damage, "rainforest-plan", 1):
+        if not header_ok(damage, "rainforest-plan", 2):
             assert isinstance(found, RainforestError), "a wrong format or version was read"
         if not isinstance(found, RainforestError):
-            assert set(found) <= set(Calibration.__dataclass_fields__)
+            assert set(found) <= {"preprocessing", "training"}
         assert changed_outside(root, before) == []
 
 
@@ -325,7 +343,9 @@ def test_no_reader_takes_a_foreign_format_or_another_version(templates, reader, 
     document = template_document(template, spec.name)
     kind = data.draw(st.sampled_from(["version", "format", "both"]))
     if kind in ("version", "both"):
-        version = data.draw(WRONG_VERSIONS.filter(lambda v: not (type(v) is int and v == 1)))
+        current = document["version"]  # 1, or 2 for a plan
+        version = data.draw(WRONG_VERSIONS.filter(
+            lambda v: not (type(v) is int and v == current)))
         document = {**document, "version": version}
     if kind in ("format", "both"):
         if data.draw(st.booleans()):
