@@ -215,12 +215,13 @@ def connect(spec: str = "local", *, settings: Config | None = None, quiet: bool 
             yield client
         return
     if spec.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
-        try:
-            client = Client(spec, timeout="30s")
+        try:  # gives up after Dask's distributed.comm.timeouts.connect (30 s by default)
+            client = Client(spec)
         except OSError as error:
             raise ParameterError(
                 f"cannot reach the Dask scheduler at {spec}: {error}. Is `dask scheduler` "
-                "running there, and does this machine reach that port?"
+                "running there, and does this machine reach that port? (A slow network may "
+                "need a longer DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT.)"
             ) from None
         with client:
             _wait_for_a_worker(client, WORKER_WAIT_SECONDS,
@@ -232,7 +233,7 @@ def connect(spec: str = "local", *, settings: Config | None = None, quiet: bool 
         path = spec.split(":", 1)[1]
         if not os.path.exists(path):
             raise ParameterError(f"scheduler file {path} does not exist")
-        with Client(scheduler_file=path, timeout="30s") as client:
+        with Client(scheduler_file=path) as client:
             _wait_for_a_worker(client, WORKER_WAIT_SECONDS,
                                f"the scheduler in {path} has no workers; start some with "
                                f"`dask worker --scheduler-file {path}`")

@@ -127,6 +127,10 @@ def periodic_dataset(tmp_path_factory) -> Path:
 TINY_TRAINING = ["--config", "tiny", "--batch-size", "4", "--target-length", "256",
                  "--val-fraction", "0.34", "--warmup-steps", "5", "--lr", "3e-3",
                  "--no-progress"]
+#: For runs of 300 steps or more that test something other than the step choice: the step
+#: --compile auto's rule takes on a CPU, without the timed trial of every candidate, which
+#: costs such a run 20-40 s (tests/test_horovod.py tests the trial).
+NO_TRIAL = ["--compile", "fused"]
 
 
 def checkpoint_weights(folder) -> dict[str, np.ndarray]:

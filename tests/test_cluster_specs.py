@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import dask
 import pytest
 
 import audiogen
@@ -79,9 +80,10 @@ def test_a_missing_scheduler_file_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_an_unreachable_scheduler_is_a_clear_error():
-    # A free port nobody listens on; the client gives up after its 30 s connect timeout.
+    # A free port nobody listens on; the client gives up after Dask's connect timeout.
     address = f"tcp://127.0.0.1:{free_port()}"
-    with pytest.raises(ParameterError, match="cannot reach the Dask scheduler") as caught:
+    with pytest.raises(ParameterError, match="cannot reach the Dask scheduler") as caught, \
+            dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
         with connect(address):
             pass
     assert address in str(caught.value) and "dask scheduler" in str(caught.value)

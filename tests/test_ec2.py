@@ -355,7 +355,7 @@ def test_a_worker_vm_that_never_joins_is_a_clear_error_and_terminates_every_vm(
         network, song_dir, tmp_path):
     """The scheduler VM answers; the worker VM never starts its worker. The start timeout
     also bounds the scheduler stand-in's start, so it is generous for a loaded machine."""
-    client, settings = network["client"], _settings(network, start_timeout=60.0)
+    client, settings = network["client"], _settings(network, start_timeout=30.0)
     processes: list[subprocess.Popen] = []
     helper = _Helper(_stand_in_for_the_vms, network, processes, False)
     helper.start()
@@ -366,7 +366,7 @@ def test_a_worker_vm_that_never_joins_is_a_clear_error_and_terminates_every_vm(
     finally:
         _stop_stand_ins(processes)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "no EC2 worker VM joined" in result.stderr and "waited 60 s" in result.stderr
+    assert "no EC2 worker VM joined" in result.stderr and "waited 30 s" in result.stderr
     assert "Traceback" not in result.stderr
     _assert_nothing_left_running(client)
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY_TRAINING, checkpoint_digest, rank_env, write_hosts
+from conftest import NO_TRIAL, TINY_TRAINING, checkpoint_digest, rank_env, write_hosts
 from rainforest import checkpoint, runlog
 from rainforest.elastic import last_logged_step
 from rainforest.train import TrainingState
@@ -235,8 +235,8 @@ def test_without_elastic_a_lost_rank_ends_the_job_promptly_and_resume_continues(
         launcher, periodic_dataset, tmp_path, jobs):
     run = tmp_path / "run"
     job = Job([*LAUNCHERS[launcher], sys.executable, "-m", "rainforest.cli", "train",
-               periodic_dataset, "--run", run, *TINY_TRAINING, "--target-length", "1024",
-               "--steps", 100_000, "--checkpoint-every", 20, "--log-every", 1,
+               periodic_dataset, "--run", run, *TINY_TRAINING, *NO_TRIAL, "--target-length",
+               "1024", "--steps", 100_000, "--checkpoint-every", 20, "--log-every", 1,
                "--val-every", 100_000])
     jobs.append(job)
     job.wait_for("a checkpoint and steps after it", lambda: checkpoint.list_checkpoints(str(run))
@@ -278,7 +278,7 @@ def test_without_elastic_a_hung_rank_is_ended_by_the_stall_watchdog(periodic_dat
     # still running 100 s after the SIGSTOP).
     run, stall = tmp_path / "run", 15
     job = Job([*LAUNCHERS["horovodrun-mpi"], sys.executable, "-m", "rainforest.cli", "train",
-               periodic_dataset, "--run", run, *TINY_TRAINING, "--steps", 100_000,
+               periodic_dataset, "--run", run, *TINY_TRAINING, *NO_TRIAL, "--steps", 100_000,
                "--checkpoint-every", 20, "--log-every", 1, "--val-every", 100_000,
                "--stall-timeout", stall])
     jobs.append(job)

@@ -257,7 +257,7 @@ def real_songs_model(tmp_path_factory):
     """A small WaveNet trained briefly on six real songs, and a seventh it never saw."""
     import soundfile
 
-    from conftest import run_cli
+    from conftest import NO_TRIAL, run_cli
     from rainforest.audio import encode_song
     from rainforest.preprocess import preprocess
     from rainforest.samples import debian_music
@@ -271,8 +271,8 @@ def real_songs_model(tmp_path_factory):
         "dilations": [1, 2, 4, 8, 16, 32, 64] * 2, "residual_channels": 32,
         "gate_channels": 32, "skip_channels": 64, "classes": 256}))
     run_cli("train", root / "data", "--run", root / "run", "--config", root / "small.json",
-            "--steps", "300", "--batch-size", "4", "--target-length", "1024", "--lr", "3e-3",
-            "--warmup-steps", "10", "--val-every", "0", "--no-progress")
+            *NO_TRIAL, "--steps", "300", "--batch-size", "4", "--target-length", "1024",
+            "--lr", "3e-3", "--warmup-steps", "10", "--val-every", "0", "--no-progress")
     source = load_network(str(root / "run"))
     chunks: list[np.ndarray] = []
     encode_song(str(songs[6]), source.audio, chunks)

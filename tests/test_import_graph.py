@@ -14,10 +14,30 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_script_guard(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":`` -- its body runs with the file as ``__main__``, never
+    while the module itself is being imported, so what it imports cannot close a loop."""
+    test = getattr(node, "test", None)
+    return (isinstance(node, ast.If) and isinstance(test, ast.Compare)
+            and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and any(isinstance(c, ast.Constant) and c.value == "__main__"
+                    for c in test.comparators))
+
+
+def _walk_outside_script_guards(tree: ast.AST):
+    pending = [tree]
+    while pending:
+        node = pending.pop()
+        yield node
+        pending.extend(child for child in ast.iter_child_nodes(node)
+                       if not _is_script_guard(child))
+
+
 def _imported(tree: ast.AST, modules: set[str]) -> set[str]:
-    """Modules of ours named by any import in the tree: top level, in a function, or by string."""
+    """Modules of ours named by any import in the tree: top level, in a function, or by string
+    (a script guard's body left out)."""
     found = set()
-    for node in ast.walk(tree):
+    for node in _walk_outside_script_guards(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -70,6 +90,14 @@ def test_the_graph_sees_deferred_and_string_imports():
                      "importlib.import_module('rainforest.z')\nimport rainforest.w")
     modules = {"rainforest.x", "rainforest.z", "rainforest.w", "rainforest.v"}
     assert _imported(tree, modules) == {"rainforest.x", "rainforest.z", "rainforest.w"}
+
+
+def test_the_graph_leaves_out_what_only_a_script_guard_imports():
+    tree = ast.parse("import rainforest.x\nif __name__ == '__main__':\n"
+                     "    from rainforest.cli import run_stage\n"
+                     "if __name__ == 'other':\n    import rainforest.w\n")
+    modules = {"rainforest.x", "rainforest.cli", "rainforest.w"}
+    assert _imported(tree, modules) == {"rainforest.x", "rainforest.w"}
 
 
 def test_the_package_has_no_import_loop():

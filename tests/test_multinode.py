@@ -23,6 +23,7 @@ import pytest
 
 import audiogen
 from conftest import (
+    NO_TRIAL,
     RAINFOREST,
     TINY_TRAINING,
     assert_same_tree,
@@ -536,8 +537,9 @@ def test_a_two_node_train_job_that_loses_a_node_ends_and_resumes_on_the_survivor
         job = cluster.submit(
             str(REPO / "slurm/train.sbatch"), "--nodes=2", "--ntasks-per-node=1",
             f"--output={tmp_path / 'first.out'}", f"--chdir={tmp_path}",
-            script_args=(*TINY_TRAINING, "--steps", "100000", "--val-every", "100000",
-                         "--checkpoint-every", "10", "--stall-timeout", str(STALL_SECONDS)),
+            script_args=(*TINY_TRAINING, *NO_TRIAL, "--steps", "100000", "--val-every",
+                         "100000", "--checkpoint-every", "10", "--stall-timeout",
+                         str(STALL_SECONDS)),
             env=_env(cluster, DATASET=local_dataset, RUN=run), cwd=str(REPO))
         deadline = time.monotonic() + 300
         while len(_logged_steps(run)) < 25:

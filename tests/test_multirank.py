@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import RAINFOREST, TINY_TRAINING
+from conftest import NO_TRIAL, RAINFOREST, TINY_TRAINING
 from rainforest import checkpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -166,8 +166,8 @@ def _start_worker(out: Path, dataset, run, *extra) -> subprocess.Popen:
     """``rainforest train`` on two ranks for (nearly) ever, each rank reporting its end."""
     out.mkdir()
     command = [*TWO_RANKS, sys.executable, WORKER, "cli", str(out), "train", str(dataset),
-               "--run", str(run), *TINY_TRAINING, "--steps", "100000", "--checkpoint-every",
-               "100000", "--val-every", "0", "--log-every", "1", *extra]
+               "--run", str(run), *TINY_TRAINING, *NO_TRIAL, "--steps", "100000",
+               "--checkpoint-every", "100000", "--val-every", "0", "--log-every", "1", *extra]
     with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:
         # A session of its own, so that a test that times out can end all of its processes.
         return subprocess.Popen(command, stdout=stdout, stderr=stderr, env=_env(),

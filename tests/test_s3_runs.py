@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RAINFOREST, TINY_TRAINING, moto_requests, run_cli
+from conftest import NO_TRIAL, RAINFOREST, TINY_TRAINING, moto_requests, run_cli
 from rainforest import checkpoint, runlog, storage
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -54,7 +54,8 @@ def test_train_kill_resume_and_generate_from_s3(periodic_dataset, bucket, tmp_pa
     run = f"s3://{BUCKET}/run"
     process = subprocess.Popen(
         [*RAINFOREST, "train", str(periodic_dataset), "--run", run, *TINY_TRAINING,
-         "--steps", "100000", "--checkpoint-every", "2", "--keep", "2", "--val-every", "0"],
+         *NO_TRIAL, "--steps", "100000", "--checkpoint-every", "2", "--keep", "2",
+         "--val-every", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

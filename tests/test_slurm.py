@@ -19,7 +19,7 @@ import pytest
 import soundfile
 
 import audiogen
-from conftest import TINY_TRAINING, assert_same_tree, run_cli
+from conftest import NO_TRIAL, TINY_TRAINING, assert_same_tree, run_cli
 from localslurm import LocalSlurm, available
 from rainforest import checkpoint
 from rainforest.cluster import SlurmSettings
@@ -120,17 +120,16 @@ def _wait_for_steps(run: Path, count: int, timeout: float, log: Path) -> None:
     raise TimeoutError(f"training did not reach step {count}:\n{_output(log)}")
 
 
-@pytest.mark.parametrize("preempt", [("scancel", "-b", "--signal=TERM"), ("scontrol", "requeue")],
-                         ids=["scancel-b-TERM", "scontrol-requeue"])
-def test_a_preempted_train_job_is_requeued_and_loses_no_step(preempt, slurm, slurm_dataset,
-                                                              tmp_path):
+def test_a_preempted_train_job_is_requeued_and_loses_no_step(slurm, slurm_dataset, tmp_path):
+    """Preemption as Slurm signals it (``scancel -b --signal=TERM``, then a requeue);
+    ``scontrol requeue`` of a running job is tests/test_multinode.py's, on two nodes."""
     run, log = tmp_path / "run", tmp_path / "job.out"
     steps = 300
     # No periodic checkpoint: only the one written on SIGTERM can carry the run over.
-    job = _submit_training(slurm, run, log, slurm_dataset, *TRAIN, "--steps", str(steps),
-                           "--checkpoint-every", "100000")
+    job = _submit_training(slurm, run, log, slurm_dataset, *TRAIN, *NO_TRIAL, "--steps",
+                           str(steps), "--checkpoint-every", "100000")
     _wait_for_steps(run, 20, timeout=300, log=log)
-    slurm.run(*preempt, job)
+    slurm.run("scancel", "-b", "--signal=TERM", job)
     assert slurm.wait(job, timeout=600) == "COMPLETED", _output(log)
     assert slurm.job_field(job, "Restarts") == "1", _output(log)
     text = _output(log)

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import RAINFOREST, TINY_TRAINING, checkpoint_weights, run_cli
+from conftest import NO_TRIAL, RAINFOREST, TINY_TRAINING, checkpoint_weights, run_cli
 from rainforest import checkpoint, storage
 from rainforest.config import AudioConfig
 from rainforest.dataset import Dataset, Song
@@ -231,7 +231,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(periodic_dataset, tmp_pat
     run = tmp_path / "run"
     process = subprocess.Popen(
         [*RAINFOREST, "train", str(periodic_dataset), "--run", str(run), *TINY_TRAINING,
-         "--steps", "100000", "--checkpoint-every", "100000", "--val-every", "0"],
+         *NO_TRIAL, "--steps", "100000", "--checkpoint-every", "100000", "--val-every", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
