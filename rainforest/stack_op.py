@@ -102,15 +102,16 @@ def residual_stack(hidden, gate_bias, gate_kernel, residual_kernel, residual_bia
     def forward(hidden_array, *weights):
         shape = shape_of(hidden_array, weights[2], weights[4])
         token, buffers = _WORKSPACES.for_forward(shape, precision)
-        skip = stack_forward(shape, hidden_array, shape.pad_weights(*weights), buffers,
+        # The backward pass of this token reads the same weights: lay them out once a step.
+        buffers.padded_weights = shape.pad_weights(*weights)
+        skip = stack_forward(shape, hidden_array, buffers.padded_weights, buffers,
                              threads=threads)
         return skip.copy(), np.int64(token)  # the buffers are reused: the skip sum is not
 
     def backward(d_skip, token, hidden_array, *weights):
         shape = shape_of(hidden_array, weights[2], weights[4])
         buffers = _WORKSPACES.for_backward(shape, precision, int(token))
-        return stack_backward(shape, d_skip, shape.pad_weights(*weights), buffers,
-                              threads=threads)
+        return stack_backward(shape, d_skip, buffers.padded_weights, buffers, threads=threads)
 
     @tf.custom_gradient
     def stack(hidden, gate_bias, gate_kernel, residual_kernel, residual_bias, skip_kernel):
